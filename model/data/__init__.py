@@ -1,0 +1,1 @@
+"""Training data: synthetic emoji scenes with captions (scenes.py)."""
