@@ -393,5 +393,5 @@ def params_to_torch_state_dict(params) -> dict[str, np.ndarray]:
         leaf, to_torch = _torch_leaf(path)
         value = np.asarray(value, dtype=np.float32)
         value = value if to_torch is None else value.transpose(to_torch)
-        state[".".join((*path[:-1], leaf))] = np.ascontiguousarray(value)
+        state[".".join((*path[:-1], leaf))] = np.array(value, order="C")  # ascontiguousarray would make 0-d 1-d
     return state

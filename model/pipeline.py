@@ -1,0 +1,383 @@
+"""The Pipeline facade: prompt -> tokens -> DalleBart codes -> VQGAN pixels -> CLIP order.
+
+    pipe = load_pipeline()                       # the embedded emoji-scenes model
+    result = pipe.generate("a red apple on a blue background", num_images=9, seed=0)
+    result.images[0]                             # PIL image with the best CLIP score
+
+Every public method builds on one streaming generator (`generate_stream`), so previews, the final
+result and batched calls share the same compiled functions. Shapes are padded to a few row counts
+(`ROW_BUCKETS`) so a server compiles once per bucket, and sampling knobs are traced values: changing
+them never recompiles.
+"""
+
+import dataclasses
+import functools
+import json
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from model import bart as bart_lib
+from model import sampling, sharding
+from model.checkpoint import load_clip, load_dalle_bart, load_vqgan, resolve_folder
+from model.errors import CheckpointError
+from model.text import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    TextNormalizer,
+    clip_preprocess,
+    clip_tokenize,
+    load_bart_tokenizer,
+    tokenize_prompts,
+)
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "emoji"
+PIPELINE_FILE = "pipeline.json"
+MAX_SEED = 2**31 - 1
+
+# Published models: (hub repo, revision) per stage. Revisions pin what the loaders were written for;
+# the VQGAN revision is the one the dalle-mini inference notebook pins.
+PRESETS = {
+    "mini": {
+        "bart": ("dalle-mini/dalle-mini", None),
+        "vqgan": ("dalle-mini/vqgan_imagenet_f16_16384", "e93a26e7707683d349bf5d5c41c5b0ef69b677a9"),
+        "clip": ("openai/clip-vit-base-patch32", None),
+    },
+    "mega": {
+        "bart": ("dalle-mini/dalle-mega", None),
+        "vqgan": ("dalle-mini/vqgan_imagenet_f16_16384", "e93a26e7707683d349bf5d5c41c5b0ef69b677a9"),
+        "clip": ("openai/clip-vit-base-patch32", None),
+    },
+}
+
+# Sampled rows are padded up to one of these counts, so a server compiles a handful of shapes.
+# 9 is here because a 3x3 grid is the product's default.
+ROW_BUCKETS = (1, 2, 4, 8, 9, 12, 16, 24, 32, 48, 64, 96, 128)
+# Decoding runs in chunks of this many steps whether or not previews are asked for, so
+# `generate` and `generate_stream` share one compiled loop.
+CHUNK_STEPS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    """Per-model sampling defaults, read from the model folder's pipeline.json (upstream's here)."""
+
+    num_images: int = 9
+    candidates: int = 9  # sampled per prompt before CLIP keeps the best num_images
+    temperature: float = 1.0
+    top_k: int = 50  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    condition_scale: float = 10.0  # 1 = no super-conditioning
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Defaults":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """The images of one prompt, best CLIP score first."""
+
+    prompt: str
+    images: list  # PIL.Image, RGB
+    scores: list  # CLIP logit per image, descending
+    seed: int  # the seed used (random when none was given)
+    codes: np.ndarray  # [num_images, image_length] int32 VQGAN codes, same order as images
+    parameters: dict  # every sampling knob as used, defaults filled in
+
+
+@dataclasses.dataclass
+class Preview:
+    """Progress while sampling: images decoded from the codes so far (unsampled rows blank)."""
+
+    step: int  # codes sampled per image so far
+    total: int  # image_length
+    images: list  # per prompt: list of PIL images (the first num_images candidates)
+
+
+def _bucket(rows: int, multiple: int) -> int:
+    """The smallest bucket >= rows that the data-parallel device count divides."""
+    for size in ROW_BUCKETS:
+        if size >= rows and size % multiple == 0:
+            return size
+    return -(-rows // multiple) * multiple
+
+
+class Pipeline:
+    """Text-to-image with super-conditioned DalleBart sampling, VQGAN decoding and CLIP reranking."""
+
+    def __init__(self, *, bart, bart_params, bart_tokenizer, vqgan, vqgan_params, clip, clip_params,
+                 clip_tokenizer, clip_image_size=None, clip_mean=OPENAI_CLIP_MEAN, clip_std=OPENAI_CLIP_STD,
+                 normalizer=None, defaults=Defaults(), name="custom", info=None, mesh=None):
+        self.name = name
+        self.info = info or {}
+        self.defaults = defaults
+        self.bart_config = bart.config
+        self.vqgan_config = vqgan.config
+        self.clip_config = clip.config
+        if self.bart_config.image_length != self.vqgan_config.num_codes:
+            raise CheckpointError(
+                f"DalleBart makes {self.bart_config.image_length} codes per image but the VQGAN decodes "
+                f"{self.vqgan_config.num_codes}: the two stages do not belong together."
+            )
+        if self.bart_config.image_vocab_size < self.vqgan_config.n_embed:
+            raise CheckpointError(
+                f"DalleBart predicts {self.bart_config.image_vocab_size} codes but the VQGAN codebook has "
+                f"{self.vqgan_config.n_embed}."
+            )
+        self.bart_tokenizer = bart_tokenizer
+        self.clip_tokenizer = clip_tokenizer
+        self.normalizer = normalizer
+        self.clip_image_size = clip_image_size or clip.config.vision_config.image_size
+        self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
+        self.mesh = mesh
+        self.bart_params = sharding.place_params(bart_params, mesh, model_parallel_rules=True)
+        self.vqgan_params = sharding.place_params(vqgan_params, mesh)
+        self.clip_params = sharding.place_params(clip_params, mesh)
+        self._data_devices = sharding.data_size(mesh)
+
+        cfg = self.bart_config
+        # Built once: the sampler takes step_fn as a static argument and keys its compile cache on it.
+        self._step_fn = functools.partial(bart_lib.decode_step, config=cfg)
+        self._encode = jax.jit(functools.partial(bart_lib.encode, config=cfg))
+        self._init_cache = jax.jit(self._rows_cache)
+        self._decode_images = jax.jit(functools.partial(_decode_images, vqgan))
+        self._clip_scores = jax.jit(functools.partial(_clip_scores, clip))
+
+    # -------------------------------------------------------------------------------------------
+    # Public API
+
+    def generate(self, prompt, num_images=None, seed=None, temperature=None, top_k=None, top_p=None,
+                 condition_scale=None, candidates=None):
+        """Images for a prompt (a `GenerationResult`) or a list of prompts (a list of them, one batch).
+
+        Arguments left as None take the model's defaults (`pipe.defaults`). `candidates` >
+        `num_images` samples that many per prompt and keeps the best by CLIP.
+        """
+        for item in self.generate_stream(prompt, num_images, seed, temperature, top_k, top_p,
+                                         condition_scale, candidates, preview_every=None):
+            result = item
+        return result
+
+    def generate_stream(self, prompt, num_images=None, seed=None, temperature=None, top_k=None,
+                        top_p=None, condition_scale=None, candidates=None, preview_every=64
+                        ) -> Iterator:
+        """Yields `Preview`s every `preview_every` sampled codes (None: no previews), then the result
+        (a `GenerationResult`, or a list of them when `prompt` is a list)."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        knobs = self.resolve_parameters(num_images=num_images, seed=seed, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, condition_scale=condition_scale,
+                                        candidates=candidates)
+        cfg = self.bart_config
+        per_prompt = knobs["candidates"]
+        rows = len(prompts) * per_prompt
+        padded = _bucket(rows, self._data_devices)
+        use_guidance = knobs["condition_scale"] != 1.0
+
+        # 1. Text -> encoder states, prompts and the empty (unconditional) prompt in one batch.
+        ids, mask = self._tokenize(prompts)
+        states = self._encode(self.bart_params, ids, mask)
+        # 2. One decoder row per candidate (padding rows repeat the last prompt and are dropped).
+        prompt_of_row = np.minimum(np.arange(padded) // per_prompt, len(prompts) - 1)
+        row_index = np.concatenate([prompt_of_row, np.full(padded, len(prompts))]) if use_guidance else prompt_of_row
+        cache = self._init_cache(self.bart_params, states, jnp.asarray(mask), jnp.asarray(row_index, jnp.int32))
+        cache = sharding.shard_rows(cache, self.mesh, axis_of=_cache_row_axis)
+        # 3. Sample codes in chunks; per-prompt keys make each prompt's images independent of the batch.
+        # Padding rows (discarded) reuse the first prompt's keys.
+        prompt_keys = sampling.row_keys(knobs["seed"], max(per_prompt, padded - rows))
+        keys = jnp.concatenate([prompt_keys[:per_prompt]] * len(prompts) + [prompt_keys[: padded - rows]])
+        state = sampling.init_sampler(cache, sharding.shard_rows(keys, self.mesh), batch=padded,
+                                      image_length=cfg.image_length, start_token=cfg.decoder_start_token_id)
+        sampler_knobs = sampling.sampling_knobs(padded, temperature=knobs["temperature"], top_k=knobs["top_k"],
+                                                top_p=knobs["top_p"], condition_scale=knobs["condition_scale"])
+        next_preview = preview_every
+        for start in range(0, cfg.image_length, CHUNK_STEPS):
+            steps = min(CHUNK_STEPS, cfg.image_length - start)
+            state = sampling.sample_codes_chunk(
+                self._step_fn, self.bart_params, state, sampler_knobs, num_steps=steps,
+                num_real_codes=self.vqgan_config.n_embed, use_guidance=use_guidance)
+            done = start + steps
+            if preview_every and done >= next_preview and done < cfg.image_length:
+                next_preview += preview_every
+                yield self._preview(state.codes, done, len(prompts), per_prompt, knobs["num_images"])
+        codes = np.asarray(state.codes)[:rows]
+        # 4. Pixels, then CLIP scores of each image against its own prompt.
+        pixels = self._pixels(codes)
+        scores = self._score(prompts, pixels, per_prompt)
+        results = []
+        for p, text in enumerate(prompts):
+            block = slice(p * per_prompt, (p + 1) * per_prompt)
+            # Stable sort: ties keep sampling order, so results are reproducible.
+            order = np.argsort(-scores[block], kind="stable")[: knobs["num_images"]]
+            results.append(GenerationResult(
+                prompt=text,
+                images=[Image.fromarray(image) for image in pixels[block][order]],
+                scores=[float(s) for s in scores[block][order]],
+                seed=knobs["seed"],
+                codes=codes[block][order],
+                parameters=dict(knobs),
+            ))
+        yield results[0] if single else results
+
+    def resolve_parameters(self, **given) -> dict:
+        """The sampling knobs with defaults filled in and a random seed drawn when none is given."""
+        d = self.defaults
+        knobs = {name: (getattr(d, name) if given.get(name) is None else given[name])
+                 for name in ("num_images", "candidates", "temperature", "top_k", "top_p", "condition_scale")}
+        knobs["num_images"] = int(knobs["num_images"])
+        knobs["candidates"] = max(int(knobs["candidates"]), knobs["num_images"])
+        knobs["top_k"] = int(knobs["top_k"])
+        for name in ("temperature", "top_p", "condition_scale"):
+            knobs[name] = float(knobs[name])
+        seed = given.get("seed")
+        knobs["seed"] = random.SystemRandom().randint(0, MAX_SEED) if seed is None else int(seed)
+        return knobs
+
+    def warmup(self, num_images=None, candidates=None):
+        """Compiles every stage for the default request shape (JAX caches it on disk, see startup)."""
+        return self.generate("warm-up", num_images=num_images, candidates=candidates, seed=0)
+
+    # -------------------------------------------------------------------------------------------
+    # Steps
+
+    def _tokenize(self, prompts):
+        normalize = self.normalizer
+        ids, mask = tokenize_prompts(self.bart_tokenizer, prompts, self.bart_config.max_text_length, normalize)
+        # The unconditional row: the empty prompt, never normalized (as upstream).
+        empty_ids, empty_mask = tokenize_prompts(self.bart_tokenizer, [""], self.bart_config.max_text_length)
+        return jnp.asarray(np.concatenate([ids, empty_ids])), jnp.asarray(np.concatenate([mask, empty_mask]))
+
+    def _rows_cache(self, params, states, mask, row_index):
+        """Decoder cache for rows picked from the encoded prompts: states [P+1, T, d] -> rows."""
+        return bart_lib.init_decode_cache(params, states[row_index], mask[row_index], self.bart_config)
+
+    def _pixels(self, codes: np.ndarray) -> np.ndarray:
+        """codes [n, image_length] -> uint8 images [n, H, W, 3], decoded in bucket-sized batches."""
+        padded = _bucket(len(codes), self._data_devices)
+        batch = np.concatenate([codes, np.repeat(codes[-1:], padded - len(codes), axis=0)])
+        images = self._decode_images(self.vqgan_params, sharding.shard_rows(jnp.asarray(batch), self.mesh))
+        return np.array(images[: len(codes)])  # a writable host copy (previews paint over it)
+
+    def _score(self, prompts, pixels: np.ndarray, per_prompt: int) -> np.ndarray:
+        """CLIP logit of every image [P * per_prompt] against its own prompt."""
+        max_length = self.clip_config.text_config.max_position_embeddings
+        ids, mask = clip_tokenize(self.clip_tokenizer, prompts, max_length)
+        values = clip_preprocess(list(pixels), self.clip_image_size, self.clip_mean, self.clip_std)
+        padded = _bucket(len(values), self._data_devices)
+        values = np.concatenate([values, np.repeat(values[-1:], padded - len(values), axis=0)])
+        logits = np.asarray(self._clip_scores(self.clip_params, jnp.asarray(ids), jnp.asarray(mask),
+                                              sharding.shard_rows(jnp.asarray(values), self.mesh)))
+        own_prompt = np.arange(len(pixels)) // per_prompt
+        return logits[np.arange(len(pixels)), own_prompt]
+
+    def _preview(self, codes, step, num_prompts, per_prompt, num_images) -> Preview:
+        """Decodes the first num_images candidates of each prompt; token rows not sampled yet are blank."""
+        codes = np.asarray(codes)
+        shown = np.concatenate([np.arange(p * per_prompt, p * per_prompt + num_images) for p in range(num_prompts)])
+        pixels = self._pixels(codes[shown])
+        side = self.vqgan_config.latent_size
+        finished_rows = step // side
+        cut = finished_rows * self.vqgan_config.downsample_factor
+        pixels[:, cut:] = 255
+        images = [Image.fromarray(image) for image in pixels]
+        return Preview(step=step, total=self.bart_config.image_length,
+                       images=[images[p * num_images:(p + 1) * num_images] for p in range(num_prompts)])
+
+
+def _cache_row_axis(path) -> int:
+    """The cache's row (batch) axis: [L, rows, ...] for keys/values, [rows, T] for the text mask."""
+    return 0 if path[-1].key == "text_mask" else 1
+
+
+def _decode_images(vqgan, params, codes):
+    """codes [n, image_length] -> uint8 [n, H, W, 3], clipped to [0, 1] as upstream."""
+    images = vqgan.apply({"params": params}, codes, method="decode_code")
+    return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+def _clip_scores(clip, params, input_ids, attention_mask, pixel_values):
+    """logits_per_image [n_images, n_prompts]."""
+    return clip.apply({"params": params}, input_ids, pixel_values, attention_mask).logits_per_image
+
+
+# -----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_pipeline_file(folder: Path) -> dict:
+    file = folder / PIPELINE_FILE
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{file} is not valid JSON: {error}") from None
+
+
+def _clip_preprocessing(folder: Path, clip_config) -> tuple[int, tuple, tuple]:
+    """Image size, mean and std from a preprocessor_config.json, else OpenAI's for the config's size."""
+    file = folder / "preprocessor_config.json"
+    if not file.is_file():
+        return clip_config.vision_config.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    d = json.loads(file.read_text(encoding="utf-8"))
+    size = d.get("crop_size", clip_config.vision_config.image_size)
+    size = size.get("height", clip_config.vision_config.image_size) if isinstance(size, dict) else size
+    return int(size), tuple(d.get("image_mean", OPENAI_CLIP_MEAN)), tuple(d.get("image_std", OPENAI_CLIP_STD))
+
+
+def _load_tokenizer(folder: Path, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{folder}: cannot read the {what} tokenizer ({error}).") from None
+
+
+def load_pipeline(name_or_path=None, mesh=None) -> Pipeline:
+    """The embedded emoji model (no argument), a published preset ("mini", "mega") or a folder with
+    bart/, vqgan/, clip/ sub-folders (and optionally pipeline.json with defaults).
+
+    `mesh`: a `jax.sharding.Mesh` (see `model.sharding.make_mesh`) to spread rows, and optionally
+    DalleBart's weights, over several devices; None uses one device.
+    """
+    if name_or_path is None:
+        if not (EMBEDDED_MODEL / "bart" / "config.json").is_file():
+            raise CheckpointError(f"The embedded model is missing: {EMBEDDED_MODEL} holds no bart/config.json.")
+        name_or_path = EMBEDDED_MODEL
+    if isinstance(name_or_path, str) and name_or_path in PRESETS:
+        preset = PRESETS[name_or_path]
+        folders = {stage: resolve_folder(repo, revision) for stage, (repo, revision) in preset.items()}
+        info, name = {"name": name_or_path}, name_or_path
+    else:
+        root = Path(name_or_path)
+        if not root.is_dir():
+            raise CheckpointError(f"No model folder at {root}; give a folder with bart/, vqgan/ and clip/, "
+                                  f"or one of {sorted(PRESETS)}.")
+        folders = {stage: root / stage for stage in ("bart", "vqgan", "clip")}
+        for stage, folder in folders.items():
+            if not folder.is_dir():
+                raise CheckpointError(f"{root} has no {stage}/ sub-folder.")
+        info = _read_pipeline_file(root)
+        name = info.get("name", root.name)
+
+    bart, bart_params = load_dalle_bart(folders["bart"])
+    vqgan, vqgan_params = load_vqgan(folders["vqgan"])
+    clip, clip_params = load_clip(folders["clip"])
+    word_file = folders["bart"] / "enwiki-words-frequency.txt"
+    normalizer = TextNormalizer(word_file if word_file.is_file() else None) if bart.config.normalize_text else None
+    size, mean, std = _clip_preprocessing(folders["clip"], clip.config)
+    return Pipeline(
+        bart=bart, bart_params=bart_params, bart_tokenizer=load_bart_tokenizer(folders["bart"]),
+        vqgan=vqgan, vqgan_params=vqgan_params,
+        clip=clip, clip_params=clip_params, clip_tokenizer=_load_tokenizer(folders["clip"], "CLIP"),
+        clip_image_size=size, clip_mean=mean, clip_std=std, normalizer=normalizer,
+        defaults=Defaults.from_dict(info.get("defaults", {})), name=name, info=info, mesh=mesh,
+    )
