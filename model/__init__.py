@@ -1,1 +1,17 @@
-"""DALL·E mini in JAX/Flax: text -> DalleBart image codes -> VQGAN pixels -> CLIP reranking."""
+"""DALL·E mini in JAX/Flax: text -> DalleBart image codes -> VQGAN pixels -> CLIP reranking.
+
+    from model import load_pipeline
+    result = load_pipeline().generate("a red apple on a blue background", seed=0)
+
+The names below are imported on first use, so `import model.text` does not pull in the pipeline.
+"""
+
+_PUBLIC = {"load_pipeline", "Pipeline", "GenerationResult", "Preview", "image_grid"}
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        from model import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

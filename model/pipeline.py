@@ -154,22 +154,26 @@ class Pipeline:
     # Public API
 
     def generate(self, prompt, num_images=None, seed=None, temperature=None, top_k=None, top_p=None,
-                 condition_scale=None, candidates=None):
+                 condition_scale=None, candidates=None, on_progress=None):
         """Images for a prompt (a `GenerationResult`) or a list of prompts (a list of them, one batch).
 
         Arguments left as None take the model's defaults (`pipe.defaults`). `candidates` >
         `num_images` samples that many per prompt and keeps the best by CLIP.
         """
         for item in self.generate_stream(prompt, num_images, seed, temperature, top_k, top_p,
-                                         condition_scale, candidates, preview_every=None):
+                                         condition_scale, candidates, preview_every=None,
+                                         on_progress=on_progress):
             result = item
         return result
 
     def generate_stream(self, prompt, num_images=None, seed=None, temperature=None, top_k=None,
-                        top_p=None, condition_scale=None, candidates=None, preview_every=64
-                        ) -> Iterator:
+                        top_p=None, condition_scale=None, candidates=None, preview_every=64,
+                        on_progress=None) -> Iterator:
         """Yields `Preview`s every `preview_every` sampled codes (None: no previews), then the result
-        (a `GenerationResult`, or a list of them when `prompt` is a list)."""
+        (a `GenerationResult`, or a list of them when `prompt` is a list).
+
+        `on_progress(step, total)` is called after every chunk of sampled codes (for progress bars).
+        """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         knobs = self.resolve_parameters(num_images=num_images, seed=seed, temperature=temperature,
@@ -204,6 +208,8 @@ class Pipeline:
                 self._step_fn, self.bart_params, state, sampler_knobs, num_steps=steps,
                 num_real_codes=self.vqgan_config.n_embed, use_guidance=use_guidance)
             done = start + steps
+            if on_progress is not None:
+                on_progress(done, cfg.image_length)
             if preview_every and done >= next_preview and done < cfg.image_length:
                 next_preview += preview_every
                 yield self._preview(state.codes, done, len(prompts), per_prompt, knobs["num_images"])
@@ -291,6 +297,33 @@ class Pipeline:
                        images=[images[p * num_images:(p + 1) * num_images] for p in range(num_prompts)])
 
 
+def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
+    """Images of one size side by side in rows (a square-ish grid by default: 9 -> 3x3)."""
+    columns = columns or int(np.ceil(np.sqrt(len(images))))
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def enable_compilation_cache(folder=None) -> Path:
+    """Turns on JAX's persistent compilation cache (start-up in seconds instead of recompiling).
+
+    Default folder: $XDG_CACHE_HOME/dalle-flax/jax (~/.cache/dalle-flax/jax).
+    """
+    import os
+
+    folder = Path(folder or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dalle-flax" / "jax")
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    # Cache every compile: the decode loop is small to compile but paid at each start otherwise.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
+
+
 def _cache_row_axis(path) -> int:
     """The cache's row (batch) axis: [L, rows, ...] for keys/values, [rows, T] for the text mask."""
     return 0 if path[-1].key == "text_mask" else 1
@@ -341,13 +374,16 @@ def _load_tokenizer(folder: Path, what: str):
         raise CheckpointError(f"{folder}: cannot read the {what} tokenizer ({error}).") from None
 
 
-def load_pipeline(name_or_path=None, mesh=None) -> Pipeline:
+def load_pipeline(name_or_path=None, mesh=None, compilation_cache=True) -> Pipeline:
     """The embedded emoji model (no argument), a published preset ("mini", "mega") or a folder with
     bart/, vqgan/, clip/ sub-folders (and optionally pipeline.json with defaults).
 
     `mesh`: a `jax.sharding.Mesh` (see `model.sharding.make_mesh`) to spread rows, and optionally
     DalleBart's weights, over several devices; None uses one device.
+    `compilation_cache`: turn on JAX's persistent compilation cache (see enable_compilation_cache).
     """
+    if compilation_cache:
+        enable_compilation_cache()
     if name_or_path is None:
         if not (EMBEDDED_MODEL / "bart" / "config.json").is_file():
             raise CheckpointError(f"The embedded model is missing: {EMBEDDED_MODEL} holds no bart/config.json.")

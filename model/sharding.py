@@ -83,6 +83,12 @@ def dalle_bart_partition_specs(params) -> dict:
     return traverse_util.unflatten_dict(specs)
 
 
+def _divisible(spec: P, shape, mesh: Mesh) -> P:
+    """`spec` with the model axis dropped where it does not divide the dimension (mini's lm_head has
+    16385 columns, an odd number; mega pads to 16416 for this reason)."""
+    return P(*(axis if axis is None or shape[i] % mesh.shape[axis] == 0 else None for i, axis in enumerate(spec)))
+
+
 def place_params(params, mesh: Mesh | None, model_parallel_rules: bool = False):
     """Replicates parameters over the mesh, or splits DalleBart's by upstream's rules when the
     mesh has a model axis larger than 1 and `model_parallel_rules` is set."""
@@ -90,5 +96,6 @@ def place_params(params, mesh: Mesh | None, model_parallel_rules: bool = False):
         return params
     if model_parallel_rules and mesh.shape[MODEL] > 1:
         specs = dalle_bart_partition_specs(params)
-        return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+        return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, _divisible(s, x.shape, mesh))),
+                                      params, specs)
     return jax.device_put(params, NamedSharding(mesh, P()))

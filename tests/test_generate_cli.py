@@ -1,0 +1,37 @@
+"""python -m model.generate writes valid PNGs and reports its seed; a bad model folder is one clear line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from tests.tiny import write_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "model.generate", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_cli_writes_grid_and_single_images(tmp_path):
+    folder = write_tiny_pipeline(tmp_path / "model")
+    out = _cli("a fox to the left of a butterfly", "--model", str(folder), "--num-images", "4", "--seed", "3",
+               "--top-k", "5", "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "single"))
+    assert out.returncode == 0, out.stderr
+    assert "seed 3" in out.stdout
+    with Image.open(tmp_path / "grid.png") as grid:
+        grid.verify()
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (32, 32) and grid.mode == "RGB"  # 2x2 tiles of 16x16
+    singles = sorted((tmp_path / "single").glob("*.png"))
+    assert len(singles) == 4
+    assert all(Image.open(p).size == (16, 16) for p in singles)
+
+
+def test_cli_bad_model_folder_is_a_clear_error(tmp_path):
+    out = _cli("a fox", "--model", str(tmp_path / "missing"))
+    assert out.returncode == 2
+    assert "error: No model folder" in out.stderr and "Traceback" not in out.stderr
