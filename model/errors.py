@@ -7,3 +7,7 @@ class CheckpointError(ValueError):
 
 class UnsupportedOptionError(CheckpointError):
     """A config.json asks for an architecture option this implementation does not compute."""
+
+
+class InvalidInputError(ValueError):
+    """A prompt or sampling setting a user gave is out of range or malformed; the message says how to fix it."""

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from model.errors import CheckpointError
+from model.errors import CheckpointError, InvalidInputError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +49,12 @@ def main(argv=None) -> int:
         def advance(step, total):
             bar.update(step - bar.n)
 
-        result = pipe.generate(args.prompt, on_progress=advance, **knobs)
+        try:
+            result = pipe.generate(args.prompt, on_progress=advance, **knobs)
+        except InvalidInputError as error:
+            bar.close()
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         image_grid(result.images).save(args.out)

@@ -25,7 +25,7 @@ from PIL import Image
 from model import bart as bart_lib
 from model import sampling, sharding
 from model.checkpoint import load_clip, load_dalle_bart, load_vqgan, resolve_folder
-from model.errors import CheckpointError
+from model.errors import CheckpointError, InvalidInputError
 from model.text import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -35,10 +35,11 @@ from model.text import (
     load_bart_tokenizer,
     tokenize_prompts,
 )
+from model.validation import MAX_SEED, check_number, clean_prompts
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "emoji"
 PIPELINE_FILE = "pipeline.json"
-MAX_SEED = 2**31 - 1
+MAX_ROWS = 128  # sampled images per call (prompts x candidates): bounds memory per request
 
 # Published models: (hub repo, revision) per stage. Revisions pin what the loaders were written for;
 # the VQGAN revision is the one the dalle-mini inference notebook pins.
@@ -174,14 +175,16 @@ class Pipeline:
 
         `on_progress(step, total)` is called after every chunk of sampled codes (for progress bars).
         """
-        single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        prompts, single = clean_prompts(prompt)
         knobs = self.resolve_parameters(num_images=num_images, seed=seed, temperature=temperature,
                                         top_k=top_k, top_p=top_p, condition_scale=condition_scale,
                                         candidates=candidates)
         cfg = self.bart_config
         per_prompt = knobs["candidates"]
         rows = len(prompts) * per_prompt
+        if rows > MAX_ROWS:
+            raise InvalidInputError(f"Too many images in one call: {len(prompts)} prompts x {per_prompt} candidates "
+                                    f"= {rows}; at most {MAX_ROWS}.")
         padded = _bucket(rows, self._data_devices)
         use_guidance = knobs["condition_scale"] != 1.0
 
@@ -233,17 +236,14 @@ class Pipeline:
         yield results[0] if single else results
 
     def resolve_parameters(self, **given) -> dict:
-        """The sampling knobs with defaults filled in and a random seed drawn when none is given."""
+        """The sampling knobs, checked (InvalidInputError), with the model's defaults filled in and a
+        random seed drawn when none is given. Candidates below num_images are raised to it."""
         d = self.defaults
-        knobs = {name: (getattr(d, name) if given.get(name) is None else given[name])
+        knobs = {name: check_number(name, getattr(d, name) if given.get(name) is None else given[name])
                  for name in ("num_images", "candidates", "temperature", "top_k", "top_p", "condition_scale")}
-        knobs["num_images"] = int(knobs["num_images"])
-        knobs["candidates"] = max(int(knobs["candidates"]), knobs["num_images"])
-        knobs["top_k"] = int(knobs["top_k"])
-        for name in ("temperature", "top_p", "condition_scale"):
-            knobs[name] = float(knobs[name])
+        knobs["candidates"] = max(knobs["candidates"], knobs["num_images"])
         seed = given.get("seed")
-        knobs["seed"] = random.SystemRandom().randint(0, MAX_SEED) if seed is None else int(seed)
+        knobs["seed"] = random.SystemRandom().randint(0, MAX_SEED) if seed is None else check_number("seed", seed)
         return knobs
 
     def warmup(self, num_images=None, candidates=None):
