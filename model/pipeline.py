@@ -216,7 +216,7 @@ class Pipeline:
             if preview_every and done >= next_preview and done < cfg.image_length:
                 next_preview += preview_every
                 yield self._preview(state.codes, done, len(prompts), per_prompt, knobs["num_images"])
-        codes = np.asarray(state.codes)[:rows]
+        codes = sharding.to_host(state.codes)[:rows]
         # 4. Pixels, then CLIP scores of each image against its own prompt.
         pixels = self._pixels(codes)
         scores = self._score(prompts, pixels, per_prompt)
@@ -269,7 +269,7 @@ class Pipeline:
         padded = _bucket(len(codes), self._data_devices)
         batch = np.concatenate([codes, np.repeat(codes[-1:], padded - len(codes), axis=0)])
         images = self._decode_images(self.vqgan_params, sharding.shard_rows(jnp.asarray(batch), self.mesh))
-        return np.array(images[: len(codes)])  # a writable host copy (previews paint over it)
+        return np.array(sharding.to_host(images)[: len(codes)])  # writable: previews paint over it
 
     def _score(self, prompts, pixels: np.ndarray, per_prompt: int) -> np.ndarray:
         """CLIP logit of every image [P * per_prompt] against its own prompt."""
@@ -278,14 +278,14 @@ class Pipeline:
         values = clip_preprocess(list(pixels), self.clip_image_size, self.clip_mean, self.clip_std)
         padded = _bucket(len(values), self._data_devices)
         values = np.concatenate([values, np.repeat(values[-1:], padded - len(values), axis=0)])
-        logits = np.asarray(self._clip_scores(self.clip_params, jnp.asarray(ids), jnp.asarray(mask),
+        logits = sharding.to_host(self._clip_scores(self.clip_params, jnp.asarray(ids), jnp.asarray(mask),
                                               sharding.shard_rows(jnp.asarray(values), self.mesh)))
         own_prompt = np.arange(len(pixels)) // per_prompt
         return logits[np.arange(len(pixels)), own_prompt]
 
     def _preview(self, codes, step, num_prompts, per_prompt, num_images) -> Preview:
         """Decodes the first num_images candidates of each prompt; token rows not sampled yet are blank."""
-        codes = np.asarray(codes)
+        codes = sharding.to_host(codes)
         shown = np.concatenate([np.arange(p * per_prompt, p * per_prompt + num_images) for p in range(num_prompts)])
         pixels = self._pixels(codes[shown])
         side = self.vqgan_config.latent_size

@@ -99,3 +99,12 @@ def place_params(params, mesh: Mesh | None, model_parallel_rules: bool = False):
         return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, _divisible(s, x.shape, mesh))),
                                       params, specs)
     return jax.device_put(params, NamedSharding(mesh, P()))
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly sharded) array as one numpy array; across several hosts, gathered from all of them."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
