@@ -35,7 +35,15 @@ from model.text import (
     load_bart_tokenizer,
     tokenize_prompts,
 )
-from model.validation import MAX_SEED, check_number, clean_prompts
+from model.validation import (
+    MAX_SEED,
+    check_count,
+    check_number,
+    clean_image,
+    clean_prompt,
+    clean_prompts,
+    fit_image,
+)
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "emoji"
 PIPELINE_FILE = "pipeline.json"
@@ -150,6 +158,8 @@ class Pipeline:
         self._init_cache = jax.jit(self._rows_cache)
         self._decode_images = jax.jit(functools.partial(_decode_images, vqgan))
         self._clip_scores = jax.jit(functools.partial(_clip_scores, clip))
+        self._clip_image_features = jax.jit(lambda p, x: clip.apply({"params": p}, x, method="get_image_features"))
+        self._encode_image = jax.jit(lambda p, x: vqgan.apply({"params": p}, x, method="encode")[1])
 
     # -------------------------------------------------------------------------------------------
     # Public API
@@ -179,6 +189,57 @@ class Pipeline:
         knobs = self.resolve_parameters(num_images=num_images, seed=seed, temperature=temperature,
                                         top_k=top_k, top_p=top_p, condition_scale=condition_scale,
                                         candidates=candidates)
+        results = yield from self._stream(prompts, knobs, knobs["condition_scale"] != 1.0, preview_every, on_progress)
+        yield results[0] if single else results
+
+    def vary(self, image, prompt=None, keep_rows=None, num_images=None, seed=None, temperature=None, top_k=None,
+             top_p=None, condition_scale=None, candidates=None, on_progress=None):
+        """Variations of an image: its top `keep_rows` rows of codes kept exactly, the rest sampled.
+
+        With a prompt the rest follows the prompt (super-conditioned) and CLIP ranks by the prompt;
+        without one the rest is sampled unconditionally and ranked by CLIP image similarity to
+        `image` (scores are then cosine similarities). keep_rows defaults to half the code rows;
+        0 with a prompt is plain text-to-image.
+        """
+        for item in self.vary_stream(image, prompt, keep_rows, num_images, seed, temperature, top_k, top_p,
+                                     condition_scale, candidates, preview_every=None, on_progress=on_progress):
+            result = item
+        return result
+
+    def vary_stream(self, image, prompt=None, keep_rows=None, num_images=None, seed=None, temperature=None,
+                    top_k=None, top_p=None, condition_scale=None, candidates=None, preview_every=64,
+                    on_progress=None) -> Iterator:
+        """`vary` with `Preview`s every `preview_every` codes, then the `GenerationResult`."""
+        side = self.vqgan_config.latent_size
+        keep_rows = side // 2 if keep_rows is None else check_count("keep_rows", keep_rows, 0, side)
+        upload = clean_image(image)
+        prompts = [clean_prompt(prompt)] if prompt is not None and str(prompt).strip() else None
+        knobs = self.resolve_parameters(num_images=num_images, seed=seed, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, condition_scale=condition_scale,
+                                        candidates=candidates)
+        knobs["keep_rows"] = keep_rows
+        codes = self.encode_image(upload)
+        use_guidance = prompts is not None and knobs["condition_scale"] != 1.0
+        results = yield from self._stream(prompts or [""], knobs, use_guidance, preview_every, on_progress,
+                                          prefix=codes, prefix_length=keep_rows * side,
+                                          reference=None if prompts else upload)
+        yield results[0]
+
+    def encode_image(self, image) -> np.ndarray:
+        """An image (PIL or uint8 array) -> its VQGAN codes [image_length], centre-cropped and resized
+        to the model's resolution."""
+        pixels = fit_image(clean_image(image), self.vqgan_config.resolution)
+        return sharding.to_host(self._encode_image(self.vqgan_params, pixels[None].astype(np.float32) / 255.0))[0]
+
+    def decode_codes(self, codes) -> list:
+        """VQGAN codes [n, image_length] -> PIL images (e.g. the reconstruction of an encoded image)."""
+        codes = np.atleast_2d(np.asarray(codes, np.int32))
+        return [Image.fromarray(image) for image in self._pixels(codes)]
+
+    def _stream(self, prompts, knobs, use_guidance, preview_every, on_progress, prefix=None, prefix_length=0,
+                reference=None):
+        """Samples knobs["candidates"] images per prompt (optionally continuing `prefix` codes), yields
+        previews, and returns the reranked results (by `reference` image similarity when given)."""
         cfg = self.bart_config
         per_prompt = knobs["candidates"]
         rows = len(prompts) * per_prompt
@@ -186,7 +247,6 @@ class Pipeline:
             raise InvalidInputError(f"Too many images in one call: {len(prompts)} prompts x {per_prompt} candidates "
                                     f"= {rows}; at most {MAX_ROWS}.")
         padded = _bucket(rows, self._data_devices)
-        use_guidance = knobs["condition_scale"] != 1.0
 
         # 1. Text -> encoder states, prompts and the empty (unconditional) prompt in one batch.
         ids, mask = self._tokenize(prompts)
@@ -200,8 +260,12 @@ class Pipeline:
         # Padding rows (discarded) reuse the first prompt's keys.
         prompt_keys = sampling.row_keys(knobs["seed"], max(per_prompt, padded - rows))
         keys = jnp.concatenate([prompt_keys[:per_prompt]] * len(prompts) + [prompt_keys[: padded - rows]])
+        if prefix is not None:
+            prefix = np.broadcast_to(np.asarray(prefix, np.int32), (padded, cfg.image_length))
         state = sampling.init_sampler(cache, sharding.shard_rows(keys, self.mesh), batch=padded,
-                                      image_length=cfg.image_length, start_token=cfg.decoder_start_token_id)
+                                      image_length=cfg.image_length, start_token=cfg.decoder_start_token_id,
+                                      prefix=None if prefix is None else sharding.shard_rows(jnp.asarray(prefix), self.mesh),
+                                      prefix_length=prefix_length)
         sampler_knobs = sampling.sampling_knobs(padded, temperature=knobs["temperature"], top_k=knobs["top_k"],
                                                 top_p=knobs["top_p"], condition_scale=knobs["condition_scale"])
         next_preview = preview_every
@@ -217,9 +281,12 @@ class Pipeline:
                 next_preview += preview_every
                 yield self._preview(state.codes, done, len(prompts), per_prompt, knobs["num_images"])
         codes = sharding.to_host(state.codes)[:rows]
-        # 4. Pixels, then CLIP scores of each image against its own prompt.
+        # 4. Pixels, then CLIP scores of each image against its own prompt (or the reference image).
         pixels = self._pixels(codes)
-        scores = self._score(prompts, pixels, per_prompt)
+        if reference is None:
+            scores = self._score(prompts, pixels, per_prompt)
+        else:
+            scores = self._image_similarity(reference, pixels)
         results = []
         for p, text in enumerate(prompts):
             block = slice(p * per_prompt, (p + 1) * per_prompt)
@@ -233,7 +300,7 @@ class Pipeline:
                 codes=codes[block][order],
                 parameters=dict(knobs),
             ))
-        yield results[0] if single else results
+        return results
 
     def resolve_parameters(self, **given) -> dict:
         """The sampling knobs, checked (InvalidInputError), with the model's defaults filled in and a
@@ -282,6 +349,16 @@ class Pipeline:
                                               sharding.shard_rows(jnp.asarray(values), self.mesh)))
         own_prompt = np.arange(len(pixels)) // per_prompt
         return logits[np.arange(len(pixels)), own_prompt]
+
+    def _image_similarity(self, reference: Image.Image, pixels: np.ndarray) -> np.ndarray:
+        """Cosine similarity of CLIP image embeddings: each of `pixels` [n, H, W, 3] vs `reference`."""
+        values = clip_preprocess([reference, *pixels], self.clip_image_size, self.clip_mean, self.clip_std)
+        padded = _bucket(len(values), self._data_devices)
+        values = np.concatenate([values, np.repeat(values[-1:], padded - len(values), axis=0)])
+        features = sharding.to_host(self._clip_image_features(self.clip_params,
+                                                              sharding.shard_rows(jnp.asarray(values), self.mesh)))
+        features = features / np.linalg.norm(features, axis=-1, keepdims=True)
+        return features[1: len(pixels) + 1] @ features[0]
 
     def _preview(self, codes, step, num_prompts, per_prompt, num_images) -> Preview:
         """Decodes the first num_images candidates of each prompt; token rows not sampled yet are blank."""

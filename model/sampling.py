@@ -29,6 +29,10 @@ top-p find their cut-offs by a 32-step radix select over the float bit patterns 
 sort: exact and shape-static; on this CPU both cut-offs took ~3.5 ms for [16, 16415] logits where
 one descending sort took ~50 ms.
 
+Forced prefixes (image variations): rows may carry known codes for their first `prefix_length`
+positions; those steps feed the known code instead of a sample, so the cache sees exactly the
+given prefix and sampling continues from it. prefix_length 0 is plain sampling (same compile).
+
 Randomness: row r's key at step t is fold_in(row_key[r], t), and `row_keys(seed, n)` gives row r
 fold_in(key(seed), r). A row's codes therefore depend only on (seed, row index within its request,
 knobs, model), not on the batch it was computed in, how rows are sharded, or on chunking.
@@ -61,6 +65,8 @@ class SamplerState(NamedTuple):
     codes: jax.Array  # [batch, image_length] int32, codes sampled so far (0 beyond `step`)
     step: jax.Array  # int32 scalar, the next position to run
     row_keys: jax.Array  # [batch] PRNG keys, one per row
+    prefix: jax.Array  # [batch, image_length] int32 known codes (used below prefix_length)
+    prefix_length: jax.Array  # [batch] int32, positions whose code is given rather than sampled
 
 
 def sampling_knobs(batch, *, temperature=1.0, top_k=0, top_p=1.0, condition_scale=1.0) -> SamplingKnobs:
@@ -194,8 +200,10 @@ def _run_steps(step_fn, params, state, knobs, num_steps, num_real_codes, use_gui
         logits = filter_logits(logits, knobs.temperature, knobs.top_k, knobs.top_p, num_real_codes)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.row_keys, state.step)
         tokens = _sample_rows(step_keys, logits)
+        known = lax.dynamic_index_in_dim(state.prefix, state.step, axis=1, keepdims=False)
+        tokens = jnp.where(state.step < state.prefix_length, known, tokens)
         codes = lax.dynamic_update_slice(state.codes, tokens[:, None], (0, state.step))
-        return SamplerState(cache, tokens, codes, state.step + 1, state.row_keys)
+        return state._replace(cache=cache, tokens=tokens, codes=codes, step=state.step + 1)
 
     return lax.fori_loop(0, num_steps, one_step, state)
 
@@ -209,20 +217,28 @@ _run_steps_jit = jax.jit(
 )
 
 
-def init_sampler(cache, rng, *, batch: int, image_length: int, start_token: int) -> SamplerState:
+def init_sampler(cache, rng, *, batch: int, image_length: int, start_token: int,
+                 prefix=None, prefix_length=0) -> SamplerState:
     """The state before step 0: every row about to be fed `start_token` at position 0.
 
     Args:
       cache: step_fn's initial cache (2*batch rows with guidance). It is consumed: the first
         chunk donates its buffers, so do not use it afterwards.
       rng: int seed, one key, or `[batch]` keys (see `row_keys`).
+      prefix: optional `[batch, image_length]` known codes; the first `prefix_length` (scalar or
+        per-row `[batch]`) of each row are kept exactly instead of sampled.
     """
+    if prefix is None:
+        prefix = jnp.zeros((batch, image_length), jnp.int32)
     return SamplerState(
         cache=cache,
         tokens=jnp.full((batch,), start_token, jnp.int32),
         codes=jnp.zeros((batch, image_length), jnp.int32),
         step=jnp.zeros((), jnp.int32),
         row_keys=row_keys(rng, batch),
+        # Copies: the state is donated to the loop, which must not delete the caller's arrays.
+        prefix=jnp.array(prefix, jnp.int32, copy=True),
+        prefix_length=jnp.array(jnp.broadcast_to(jnp.asarray(prefix_length, jnp.int32), (batch,)), copy=True),
     )
 
 

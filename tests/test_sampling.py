@@ -349,3 +349,23 @@ def test_knob_and_seed_changes_never_recompile():
     sample(guided_step, params, batch, np.int64(7), use_guidance=True)
     assert sampling.trace_count() == traces
     assert len(_step_traces) == step_traces
+
+
+def test_forced_prefix_is_kept_and_fed_to_the_model():
+    params = random_params(5)
+    prefix = jnp.asarray(np.random.default_rng(0).integers(0, NUM_REAL, (SMALL, LENGTH)), jnp.int32)
+    lengths = jnp.asarray([0, 2, 3, LENGTH], jnp.int32)  # per-row prefix lengths
+    state = sampling.init_sampler(jnp.zeros((2 * SMALL, LENGTH), jnp.int32), 1, batch=SMALL, image_length=LENGTH,
+                                  start_token=START, prefix=prefix, prefix_length=lengths)
+    state = run_chunk(params, state, LENGTH)
+    codes, fed = np.asarray(state.codes), np.asarray(state.cache)
+    for row, length in enumerate(np.asarray(lengths)):
+        np.testing.assert_array_equal(codes[row, :length], np.asarray(prefix)[row, :length])
+        # The model saw the known codes: position t is fed code t-1 in both guidance halves.
+        np.testing.assert_array_equal(fed[row, 1:], codes[row, :-1])
+        np.testing.assert_array_equal(fed[SMALL + row, 1:], codes[row, :-1])
+    # Past the prefix the codes are sampled, not copied.
+    assert not np.array_equal(codes[0], np.asarray(prefix)[0])
+    # Without a prefix, the result equals plain sampling with the same seed.
+    plain = run_chunk(params, start(SMALL, 1), LENGTH)
+    np.testing.assert_array_equal(codes[0], np.asarray(plain.codes)[0])
