@@ -1,5 +1,7 @@
 """Command line: python -m model.generate "a prompt" --num-images 9 --seed 0 --out grid.png
 
+Variations of an image: python -m model.generate --image photo.png --keep-rows 8 ["optional prompt"]
+
 Writes a grid PNG (--out) and/or one PNG per image (--out-dir), best CLIP score first, and prints the
 seed so a run can be repeated. --model takes the embedded model (default), "mini", "mega" or a folder.
 """
@@ -13,7 +15,8 @@ from model.errors import CheckpointError, InvalidInputError
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("prompt", nargs="?", default=None,
+                        help="what to draw (optional with --image: variations without a prompt)")
     parser.add_argument("--model", default=None, help='embedded model (default), "mini", "mega" or a model folder')
     parser.add_argument("--num-images", type=int, default=None, help="images to keep (default: the model's, 9)")
     parser.add_argument("--candidates", type=int, default=None, help="images sampled before CLIP keeps the best")
@@ -22,9 +25,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=None, help="0 = off")
     parser.add_argument("--top-p", type=float, default=None, help="1 = off")
     parser.add_argument("--condition-scale", type=float, default=None, help="super-conditioning; 1 = off")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="make variations of this image: its top --keep-rows rows of codes are kept")
+    parser.add_argument("--keep-rows", type=int, default=None, help="code rows of --image to keep (default: half)")
     parser.add_argument("--out", type=Path, default=None, help="grid PNG to write (default grid.png unless --out-dir)")
     parser.add_argument("--out-dir", type=Path, default=None, help="folder for one PNG per image")
     args = parser.parse_args(argv)
+    if args.prompt is None and args.image is None:
+        parser.error("give a prompt, an --image, or both")
+    if args.keep_rows is not None and args.image is None:
+        parser.error("--keep-rows needs --image")
     if args.out is None and args.out_dir is None:
         args.out = Path("grid.png")
     return args
@@ -50,7 +60,11 @@ def main(argv=None) -> int:
             bar.update(step - bar.n)
 
         try:
-            result = pipe.generate(args.prompt, on_progress=advance, **knobs)
+            if args.image is not None:
+                result = pipe.vary(str(args.image), prompt=args.prompt, keep_rows=args.keep_rows,
+                                   on_progress=advance, **knobs)
+            else:
+                result = pipe.generate(args.prompt, on_progress=advance, **knobs)
         except InvalidInputError as error:
             bar.close()
             print(f"error: {error}", file=sys.stderr)

@@ -35,3 +35,20 @@ def test_cli_bad_model_folder_is_a_clear_error(tmp_path):
     out = _cli("a fox", "--model", str(tmp_path / "missing"))
     assert out.returncode == 2
     assert "error: No model folder" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_makes_variations_of_an_image(tmp_path):
+    folder = write_tiny_pipeline(tmp_path / "model")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "upload.png")
+    out = _cli("--image", str(tmp_path / "upload.png"), "--keep-rows", "2", "--model", str(folder),
+               "--num-images", "2", "--seed", "1", "--out-dir", str(tmp_path / "var"))
+    assert out.returncode == 0, out.stderr
+    assert len(list((tmp_path / "var").glob("*.png"))) == 2
+
+
+def test_cli_bad_upload_is_a_clear_error(tmp_path):
+    folder = write_tiny_pipeline(tmp_path / "model")
+    (tmp_path / "bad.png").write_text("not an image")
+    out = _cli("--image", str(tmp_path / "bad.png"), "--model", str(folder))
+    assert out.returncode == 2 and "error: The upload is not an image" in out.stderr
+    assert "Traceback" not in out.stderr
