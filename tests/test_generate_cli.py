@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.tiny import write_tiny_pipeline
@@ -11,13 +12,17 @@ from tests.tiny import write_tiny_pipeline
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_tiny_pipeline(tmp_path_factory.mktemp("model"))
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "model.generate", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
 
 
-def test_cli_writes_grid_and_single_images(tmp_path):
-    folder = write_tiny_pipeline(tmp_path / "model")
+def test_cli_writes_grid_and_single_images(folder, tmp_path):
     out = _cli("a fox to the left of a butterfly", "--model", str(folder), "--num-images", "4", "--seed", "3",
                "--top-k", "5", "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "single"))
     assert out.returncode == 0, out.stderr
@@ -37,8 +42,7 @@ def test_cli_bad_model_folder_is_a_clear_error(tmp_path):
     assert "error: No model folder" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_cli_makes_variations_of_an_image(tmp_path):
-    folder = write_tiny_pipeline(tmp_path / "model")
+def test_cli_makes_variations_of_an_image(folder, tmp_path):
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "upload.png")
     out = _cli("--image", str(tmp_path / "upload.png"), "--keep-rows", "2", "--model", str(folder),
                "--num-images", "2", "--seed", "1", "--out-dir", str(tmp_path / "var"))
@@ -46,8 +50,7 @@ def test_cli_makes_variations_of_an_image(tmp_path):
     assert len(list((tmp_path / "var").glob("*.png"))) == 2
 
 
-def test_cli_bad_upload_is_a_clear_error(tmp_path):
-    folder = write_tiny_pipeline(tmp_path / "model")
+def test_cli_bad_upload_is_a_clear_error(folder, tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     out = _cli("--image", str(tmp_path / "bad.png"), "--model", str(folder))
     assert out.returncode == 2 and "error: The upload is not an image" in out.stderr
