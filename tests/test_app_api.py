@@ -1,0 +1,105 @@
+"""The app as a real server on loopback, called through gradio_client like any API user."""
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.app_server import REPO, AppServer, tiny_app_model
+
+gradio_client = pytest.importorskip("gradio_client")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = tiny_app_model(tmp_path_factory.getbasetemp())
+    app = AppServer(model, tmp_path_factory.mktemp("app-api"))
+    try:
+        yield app.wait_ready()
+    finally:
+        app.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return gradio_client.Client(server.url, verbose=False, download_files=str(server.log_path.parent / "downloads"))
+
+
+def _generate(client, **kwargs):
+    return client.predict(api_name="/generate", **{"prompt": "a small red apple", **kwargs})
+
+
+def _png_bytes(files):
+    return [open(path, "rb").read() for path in files]
+
+
+def test_generate_returns_nine_pngs_and_a_record(client):
+    files, record = _generate(client, num_images=9, seed=1)
+    assert len(files) == 9
+    images = []
+    for data in _png_bytes(files):
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "PNG" and image.size == (16, 16) and image.mode == "RGB"
+        images.append(np.asarray(image))
+    assert len({image.tobytes() for image in images}) == 9  # nine different samples
+    assert record["seed"] == 1 and record["model"] == "tiny" and record["prompt"] == "a small red apple"
+    assert len(record["scores"]) == 9 and record["scores"] == sorted(record["scores"], reverse=True)
+    assert record["parameters"]["num_images"] == 9 and record["parameters"]["top_k"] == 8  # model default
+
+
+def test_same_seed_is_byte_identical_and_another_differs(client):
+    first, first_record = _generate(client, num_images=9, seed=7)
+    again, again_record = _generate(client, num_images=9, seed=7)
+    other = _generate(client, num_images=9, seed=8)[0]
+    assert _png_bytes(first) == _png_bytes(again)
+    assert _png_bytes(first) != _png_bytes(other)
+    # Identical requests still get files of their own (no shared, possibly half-written, file).
+    assert not set(first_record["files"]) & set(again_record["files"])
+
+
+def test_no_seed_draws_one_and_reports_it(client):
+    files, record = _generate(client, num_images=2)
+    assert isinstance(record["seed"], int)
+    again = _generate(client, num_images=2, seed=record["seed"])[0]
+    assert _png_bytes(files) == _png_bytes(again)
+
+
+def test_batch_endpoint_matches_single_calls(client):
+    prompts = ["a small red apple", "two rockets"]
+    files, record = client.predict(prompt=prompts, num_images=3, seed=5, api_name="/generate_batch")
+    assert len(files) == 6 and record["seed"] == 5
+    assert [r["prompt"] for r in record["results"]] == prompts
+    for index, prompt in enumerate(prompts):
+        alone = _generate(client, prompt=prompt, num_images=3, seed=5)[0]
+        assert _png_bytes(files[index * 3:(index + 1) * 3]) == _png_bytes(alone)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_images": 0}, "num_images must be between 1 and 16"),
+    ({"top_p": 1.5}, "top_p must be between"),
+    ({"prompt": "   "}, "prompt is empty"),
+    ({"model": "mini"}, "Model 'mini' is not available here"),
+])
+def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(client, server, kwargs, message):
+    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+        _generate(client, **kwargs)
+    assert server.alive()
+    files, record = _generate(client, num_images=1, seed=0)
+    assert len(files) == 1 and record["seed"] == 0
+
+
+def test_a_missing_model_folder_is_one_clear_startup_error(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "app.py"), "--model", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "No model folder at" in done.stderr and "nowhere" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_helper_events_are_not_in_the_api(client):
+    assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
+        "/generate", "/generate_batch"}
