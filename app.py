@@ -18,7 +18,6 @@ request must fail alone. A caller with many prompts sends them together instead.
 
 import argparse
 import contextlib
-import math
 import os
 import secrets
 import signal
@@ -34,25 +33,14 @@ import jax
 from gradio.utils import get_upload_folder
 from PIL import PngImagePlugin
 
-from model.errors import CheckpointError
-from model.pipeline import MAX_SEED, Defaults, Preview, load_pipeline
+from model.errors import CheckpointError, InvalidInputError
+from model.pipeline import Defaults, Preview, load_pipeline
+from model.validation import LIMITS, MAX_SEED, check_number, clean_prompt
 
 TITLE = "DALL·E mini in JAX/Flax"
 DEFAULT_DESCRIPTION = "Type a prompt, get a 3x3 grid of images, best match first. The model runs right here."
 CREDITS = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0."
 KNOBS = ("num_images", "seed", "temperature", "top_k", "top_p", "condition_scale", "candidates")
-# Inclusive ranges checked on every request (page and API) and used by the page's sliders.
-LIMITS = {
-    "num_images": (1, 16),
-    "candidates": (1, 64),
-    "seed": (0, MAX_SEED),
-    "temperature": (0.01, 10.0),
-    "top_k": (0, 16384),  # 0 = off
-    "top_p": (0.01, 1.0),  # 1 = off
-    "condition_scale": (0.0, 50.0),  # 1 = no super-conditioning
-}
-INTEGER_KNOBS = {"num_images", "candidates", "seed", "top_k"}
-MAX_PROMPT_CHARS = 500
 EXAMPLE_SEED = 0  # cached examples are reproducible
 # Generated files live in Gradio's cache folder and are deleted this long after they were written.
 OUTPUT_TTL_S = 3600
@@ -71,36 +59,25 @@ CSS = """
 
 
 def validate_prompt(prompt) -> str:
-    """The prompt without surrounding spaces, or a gr.Error saying what is wrong with it."""
-    if not isinstance(prompt, str):
-        raise gr.Error(f"prompt must be text, got {type(prompt).__name__}.")
-    prompt = prompt.strip()
-    if not prompt:
-        raise gr.Error("prompt is empty: type what you want to see.")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise gr.Error(f"prompt is too long ({len(prompt)} characters; at most {MAX_PROMPT_CHARS}).")
-    return prompt
+    """The cleaned prompt (model.validation), or a gr.Error saying what is wrong with it."""
+    with user_errors():
+        return clean_prompt(prompt)
 
 
 def validate_knobs(**knobs) -> dict:
     """The sampling knobs as ints/floats (None = the model's default), or a gr.Error naming the one
-    out of range."""
-    return {name: _number(name, value) for name, value in knobs.items()}
+    out of range. The ranges are model.validation.LIMITS, shared with the Python API and the CLI."""
+    with user_errors():
+        return {name: None if value is None else check_number(name, value) for name, value in knobs.items()}
 
 
-def _number(name, value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise gr.Error(f"{name} must be a number, got {value!r}.")
-    if name in INTEGER_KNOBS:
-        if value != int(value):
-            raise gr.Error(f"{name} must be a whole number, got {value}.")
-        value = int(value)
-    low, high = LIMITS[name]
-    if not low <= value <= high:
-        raise gr.Error(f"{name} must be between {low} and {high}, got {value}.")
-    return value if name in INTEGER_KNOBS else float(value)
+@contextlib.contextmanager
+def user_errors():
+    """Turns the library's InvalidInputError into the gr.Error the page shows and the API returns."""
+    try:
+        yield
+    except InvalidInputError as error:
+        raise gr.Error(str(error)) from None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -177,7 +154,7 @@ class Space:
         knobs = validate_knobs(num_images=num_images, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
                                condition_scale=condition_scale, candidates=candidates)
         pipe = self.models.get(model)
-        with self.models.slot(model):
+        with self.models.slot(model), user_errors():
             result = pipe.generate(prompt, **knobs)
         paths = self._save(result, model)
         return paths, self._record(result, model, paths)
@@ -198,7 +175,7 @@ class Space:
         pipe = self.models.get(model)
         # One seed for the batch, drawn here when none is given, so the record can report it.
         knobs["seed"] = pipe.resolve_parameters(seed=knobs["seed"])["seed"]
-        with self.models.slot(model):
+        with self.models.slot(model), user_errors():
             results = pipe.generate(prompts, **knobs)
         all_paths, records = [], []
         for result in results:
@@ -219,7 +196,7 @@ class Space:
         pipe = self.models.get(model)
         start = time.perf_counter()
         progress(0.0, desc="Sampling image tokens")
-        with self.models.slot(model):
+        with self.models.slot(model), user_errors():
             for item in pipe.generate_stream(prompt, preview_every=self.preview_every, **knobs):
                 if isinstance(item, Preview):
                     progress(item.step / item.total, desc=f"Sampling image tokens {item.step}/{item.total}")
@@ -281,7 +258,7 @@ class Space:
 
 
 def _slider(name, label, step, value, high=None):
-    low, limit = LIMITS[name]
+    low, limit, _ = LIMITS[name]
     return gr.Slider(low, high or limit, value=value, step=step, label=label, elem_id=name)
 
 
@@ -343,7 +320,7 @@ def build_demo(space: Space) -> gr.Blocks:
         # API-only inputs and outputs: hidden components named like the Python arguments.
         with gr.Column(visible=False):
             api_model = gr.Dropdown(models.names, value=models.primary, label="model")
-            api_knobs = [gr.Number(None, label=name, precision=0 if name in INTEGER_KNOBS else None) for name in KNOBS]
+            api_knobs = [gr.Number(None, label=name, precision=0 if LIMITS[name][2] is int else None) for name in KNOBS]
             api_files = gr.File(file_count="multiple", label="images")
             api_record = gr.JSON(label="record")
             gr.Button().click(space.generate, [gr.Textbox(label="prompt"), *api_knobs, api_model],

@@ -81,7 +81,7 @@ def test_batch_endpoint_matches_single_calls(client):
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_images": 0}, "num_images must be between 1 and 16"),
     ({"top_p": 1.5}, "top_p must be between"),
-    ({"prompt": "   "}, "prompt is empty"),
+    ({"prompt": "   "}, "Please enter a prompt"),
     ({"model": "mini"}, "Model 'mini' is not available here"),
 ])
 def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(client, server, kwargs, message):
