@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 import gradio as gr
-import jax
 from gradio.utils import get_upload_folder
 from PIL import PngImagePlugin
 
 from model.errors import CheckpointError, InvalidInputError
-from model.pipeline import Defaults, Preview, load_pipeline
+from model.pipeline import Defaults, Preview, default_compilation_cache, enable_compilation_cache, load_pipeline
 from model.validation import LIMITS, MAX_SEED, check_number, clean_prompt
 
 TITLE = "DALL·E mini in JAX/Flax"
@@ -107,7 +106,7 @@ class Models:
             if name not in self._pipes:
                 print(f"Loading model {name!r} on first use ...", flush=True)
                 try:
-                    self._pipes[name] = load_pipeline(name)
+                    self._pipes[name] = load_pipeline(name, compilation_cache=False)
                 except CheckpointError as error:
                     raise gr.Error(f"Model {name!r} is not available here: {error}") from None
             return self._pipes[name]
@@ -352,8 +351,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="requests running at once per model [env DALLE_CONCURRENCY]")
     parser.add_argument("--max-batch-prompts", type=int, default=int(env("DALLE_MAX_BATCH_PROMPTS", "8")),
                         help="prompts per /generate_batch call [env DALLE_MAX_BATCH_PROMPTS]")
-    parser.add_argument("--compile-cache", default=env("JAX_COMPILATION_CACHE_DIR",
-                                                       str(Path.home() / ".cache" / "dalle-flax" / "xla")),
+    parser.add_argument("--compile-cache", default=env("JAX_COMPILATION_CACHE_DIR", str(default_compilation_cache())),
                         help="persistent XLA compilation cache folder, '' for none [env JAX_COMPILATION_CACHE_DIR]")
     args = parser.parse_args(argv)
     for name in ("queue_size", "concurrency", "max_batch_prompts"):
@@ -367,11 +365,10 @@ def main(argv=None):
     started = time.perf_counter()
     if args.compile_cache:
         # Start-up compiles dominate; cached on disk they take a fraction of the time.
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        enable_compilation_cache(args.compile_cache)
     try:
         print(f"Loading model {args.model or 'embedded'} ...", flush=True)
-        primary = load_pipeline(args.model)
+        primary = load_pipeline(args.model, compilation_cache=False)
         print("Warming up (compiling) ...", flush=True)
         primary.warmup()
     except CheckpointError as error:

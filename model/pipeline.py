@@ -13,6 +13,7 @@ them never recompiles.
 import dataclasses
 import functools
 import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -385,14 +386,14 @@ def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Ima
     return grid
 
 
+def default_compilation_cache() -> Path:
+    """$XDG_CACHE_HOME/dalle-flax/jax (~/.cache/dalle-flax/jax)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dalle-flax" / "jax"
+
+
 def enable_compilation_cache(folder=None) -> Path:
-    """Turns on JAX's persistent compilation cache (start-up in seconds instead of recompiling).
-
-    Default folder: $XDG_CACHE_HOME/dalle-flax/jax (~/.cache/dalle-flax/jax).
-    """
-    import os
-
-    folder = Path(folder or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dalle-flax" / "jax")
+    """Turns on JAX's persistent compilation cache (start-up in seconds instead of recompiling)."""
+    folder = Path(folder or default_compilation_cache())
     folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     # Cache every compile: the decode loop is small to compile but paid at each start otherwise.
