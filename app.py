@@ -8,6 +8,8 @@ API endpoints, with the parameter names of `Pipeline.generate`:
     /generate        prompt, num_images, seed, temperature, top_k, top_p, condition_scale, candidates,
                      model -> (PNG files best first, JSON {model, prompt, seed, scores, parameters, files})
     /generate_batch  the same, `prompt` a list of prompts sampled as one batch with shared knobs
+    /variations      image (file), prompt, keep_rows, then the knobs and model as above: the upload's top
+                     keep_rows rows of image tokens kept, the rest sampled
 
 Why a separate batched endpoint rather than `batch=True` on /generate: Gradio cannot batch a
 generator, and the page needs one to stream previews; the pipeline samples one batch with one seed
@@ -40,6 +42,7 @@ TITLE = "DALL·E mini in JAX/Flax"
 DEFAULT_DESCRIPTION = "Type a prompt, get a 3x3 grid of images, best match first. The model runs right here."
 CREDITS = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0."
 KNOBS = ("num_images", "seed", "temperature", "top_k", "top_p", "condition_scale", "candidates")
+MAX_UPLOAD = "10mb"  # uploads (variations) beyond this are refused by the server before they reach the model
 EXAMPLE_SEED = 0  # cached examples are reproducible
 # Generated files live in Gradio's cache folder and are deleted this long after they were written.
 OUTPUT_TTL_S = 3600
@@ -140,6 +143,7 @@ class Space:
         self.info = primary.info
         # Previews at a quarter, half and three quarters of the image tokens.
         self.preview_every = max(1, primary.bart_config.image_length // 4)
+        self.latent_size = primary.vqgan_config.latent_size  # rows of image tokens (keep_rows range)
 
     # API --------------------------------------------------------------------------------------
 
@@ -193,18 +197,50 @@ class Space:
         knobs = validate_knobs(num_images=num_images, seed=None if randomize else seed, temperature=temperature,
                                top_k=top_k, top_p=top_p, condition_scale=condition_scale, candidates=candidates)
         pipe = self.models.get(model)
+        yield from self._page_stream(
+            lambda: pipe.generate_stream(prompt, preview_every=self.preview_every, **knobs), model, prompt, progress)
+
+    def vary_page(self, image, prompt, keep_rows, model, num_images, candidates, seed, randomize, temperature,
+                  top_k, top_p, condition_scale, progress=gr.Progress()):
+        """The Variations tab: the upload's top rows kept, the rest sampled (following the prompt if any)."""
+        if not image:
+            raise gr.Error("Upload an image first.")
+        knobs = validate_knobs(num_images=num_images, seed=None if randomize else seed, temperature=temperature,
+                               top_k=top_k, top_p=top_p, condition_scale=condition_scale, candidates=candidates)
+        pipe = self.models.get(model)
+        yield from self._page_stream(
+            lambda: pipe.vary_stream(image, prompt or None, keep_rows, preview_every=self.preview_every, **knobs),
+            model, prompt or "variation", progress)
+
+    def _page_stream(self, start_stream, model, label, progress):
+        """Previews of a pipeline stream into the gallery, then its result with CLIP scores."""
         start = time.perf_counter()
         progress(0.0, desc="Sampling image tokens")
         with self.models.slot(model), user_errors():
-            for item in pipe.generate_stream(prompt, preview_every=self.preview_every, **knobs):
+            for item in start_stream():
                 if isinstance(item, Preview):
                     progress(item.step / item.total, desc=f"Sampling image tokens {item.step}/{item.total}")
-                    paths = self._write_pngs(item.images[0], {"prompt": prompt, "preview": str(item.step)})
+                    paths = self._write_pngs(item.images[0], {"prompt": label, "preview": str(item.step)})
                     yield ([(p, f"{item.step}/{item.total} tokens") for p in paths], gr.update(),
                            f"Sampling image tokens: {item.step} of {item.total} ...")
                 else:
                     result = item
         yield self._page_outputs(result, model, time.perf_counter() - start)
+
+    def variations(self, image, prompt=None, keep_rows=None, num_images=None, seed=None, temperature=None,
+                   top_k=None, top_p=None, condition_scale=None, candidates=None, model=None):
+        """API: variations of an uploaded image file. Its top `keep_rows` rows of image tokens are kept,
+        the rest sampled (following `prompt` when given); PNG files best first and a JSON record."""
+        model = model or self.models.primary
+        if not image:
+            raise gr.Error("image is missing: upload a PNG or JPEG file.")
+        knobs = validate_knobs(num_images=num_images, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                               condition_scale=condition_scale, candidates=candidates)
+        pipe = self.models.get(model)
+        with self.models.slot(model), user_errors():
+            result = pipe.vary(image, prompt or None, keep_rows, **knobs)
+        paths = self._save(result, model)
+        return paths, self._record(result, model, paths)
 
     def run_example(self, prompt):
         """An example prompt on the primary model with its defaults and a fixed seed (cached lazily)."""
@@ -280,10 +316,23 @@ def build_demo(space: Space) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\n{space.info.get('description', DEFAULT_DESCRIPTION)}", elem_id="title")
         if os.environ.get("SPACE_ID"):
             gr.DuplicateButton(elem_id="duplicate")
-        with gr.Row(equal_height=True):
-            prompt = gr.Textbox(show_label=False, placeholder="What do you want to see?", max_lines=1, scale=5,
-                                autofocus=True, elem_id="prompt", container=False)
-            run = gr.Button("Run", variant="primary", scale=1, min_width=100, elem_id="run")
+        with gr.Tabs():
+            with gr.Tab("Text to image", elem_id="text-tab"):
+                with gr.Row(equal_height=True):
+                    prompt = gr.Textbox(show_label=False, placeholder="What do you want to see?", max_lines=1,
+                                        scale=5, autofocus=True, elem_id="prompt", container=False)
+                    run = gr.Button("Run", variant="primary", scale=1, min_width=100, elem_id="run")
+            with gr.Tab("Variations", elem_id="variations-tab"):
+                with gr.Row():
+                    upload = gr.Image(type="filepath", label="image", sources=["upload", "clipboard"], height=200,
+                                      elem_id="upload")
+                    with gr.Column(scale=2):
+                        vary_prompt = gr.Textbox(label="prompt (optional)", max_lines=1, elem_id="vary-prompt",
+                                                 placeholder="Leave empty for variations of the image alone")
+                        side = space.latent_size
+                        keep_rows = gr.Slider(0, side, value=side // 2, step=1, elem_id="keep-rows",
+                                              label=f"keep_rows (rows of image tokens kept, of {side})")
+                        vary = gr.Button("Make variations", variant="primary", elem_id="vary")
         status = gr.Markdown("", elem_id="status")
         gallery = gr.Gallery(show_label=False, columns=3, height="auto", format="png", object_fit="contain",
                              preview=False, allow_preview=True, elem_id="gallery")
@@ -313,6 +362,10 @@ def build_demo(space: Space) -> gr.Blocks:
                       condition_scale],
               outputs=[gallery, seed, status], show_progress_on=[status], api_visibility="private",
               **generating)
+        gr.on([vary.click, vary_prompt.submit], space.vary_page,
+              inputs=[upload, vary_prompt, keep_rows, model, num_images, candidates, seed, randomize, temperature,
+                      top_k, top_p, condition_scale],
+              outputs=[gallery, seed, status], show_progress_on=[status], api_visibility="private", **generating)
         model.change(space.model_defaults, model, [num_images, candidates, temperature, top_k, top_p, condition_scale],
                      queue=False, show_progress="hidden", api_visibility="private")
 
@@ -326,6 +379,12 @@ def build_demo(space: Space) -> gr.Blocks:
                               [api_files, api_record], api_name="generate", **generating)
             gr.Button().click(space.generate_batch, [gr.JSON(label="prompt"), *api_knobs, api_model],
                               [api_files, api_record], api_name="generate_batch", **generating)
+            # The raw upload (gr.File, not gr.Image, which would re-encode it) so the pipeline sees and
+            # checks exactly what was sent: animations, CMYK, sizes.
+            gr.Button().click(space.variations,
+                              [gr.File(label="image", type="filepath"), gr.Textbox(label="prompt"),
+                               gr.Number(None, label="keep_rows", precision=0), *api_knobs, api_model],
+                              [api_files, api_record], api_name="variations", **generating)
     return demo
 
 
@@ -387,7 +446,7 @@ def main(argv=None):
         demo = build_demo(space)
         demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
         print(f"Ready after {time.perf_counter() - started:.1f} s", flush=True)
-        demo.launch(server_name=args.host, server_port=args.port, css=CSS, ssr_mode=False,
+        demo.launch(server_name=args.host, server_port=args.port, css=CSS, ssr_mode=False, max_file_size=MAX_UPLOAD,
                     footer_links=["api", "gradio", "settings"])
     finally:
         if examples_cache:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # The app's own default, so test runs and `python app.py` share compiled programs.
-COMPILE_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "dalle-flax" / "xla"))
+COMPILE_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "dalle-flax" / "jax"))
 TINY_INFO = {
     "description": "A tiny random model for tests: its images are noise.",
     "examples": ["a small red apple on a blue background", "two rockets on a black background"],

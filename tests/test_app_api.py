@@ -102,4 +102,37 @@ def test_a_missing_model_folder_is_one_clear_startup_error(tmp_path):
 
 def test_helper_events_are_not_in_the_api(client):
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
-        "/generate", "/generate_batch"}
+        "/generate", "/generate_batch", "/variations"}
+
+
+def _upload(tmp_path, name, image=None, data=None, **save):
+    path = tmp_path / name
+    if data is not None:
+        path.write_bytes(data)
+    else:
+        image.save(path, **save)
+    return gradio_client.handle_file(str(path))
+
+
+def test_variations_of_an_uploaded_png(client, tmp_path):
+    upload = _upload(tmp_path, "upload.png", Image.new("RGB", (40, 30), (200, 40, 40)))
+    files, record = client.predict(image=upload, prompt=None, keep_rows=2, num_images=3, seed=4,
+                                   api_name="/variations")
+    assert len(files) == 3 and record["seed"] == 4 and record["parameters"]["keep_rows"] == 2
+    assert all(Image.open(path).size == (16, 16) for path in files)
+    again = client.predict(image=upload, prompt=None, keep_rows=2, num_images=3, seed=4, api_name="/variations")[0]
+    assert _png_bytes(files) == _png_bytes(again)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("notes.png", {"data": b"not an image at all"}, "not an image that can be read"),
+    ("cmyk.jpg", {"image": Image.new("CMYK", (32, 32)), "format": "JPEG"}, "CMYK"),
+    ("tiny.png", {"image": Image.new("RGB", (4, 4))}, "too small"),
+    ("anim.gif", {"image": Image.new("RGB", (32, 32)), "format": "GIF", "save_all": True,
+                  "append_images": [Image.new("RGB", (32, 32), "red")]}, "Animated"),
+])
+def test_bad_uploads_are_clear_errors(client, server, tmp_path, name, kwargs, message):
+    upload = _upload(tmp_path, name, **kwargs)
+    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+        client.predict(image=upload, prompt=None, keep_rows=1, num_images=1, api_name="/variations")
+    assert server.alive()
