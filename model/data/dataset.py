@@ -1,0 +1,76 @@
+"""Caption + VQGAN-code datasets in dalle-mini's training format.
+
+Upstream's encoded datasets are tables with a `caption` column (text) and an `encoding` column (the
+image's VQGAN codes, a list of ints in row-major order). This module writes and reads that format:
+
+- JSON lines (`.jsonl`): one `{"caption": "...", "encoding": [c0, c1, ...]}` object per line;
+- Parquet (`.parquet`): the same two columns, read and written with pyarrow when it is installed
+  (upstream's datasets are parquet files; pyarrow is not a dependency of this project).
+
+A dataset path may also be a folder, whose `*.jsonl` and `*.parquet` files are read in name order.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+CAPTION, ENCODING = "caption", "encoding"
+
+
+def write_dataset(path, captions: Sequence[str], encodings: np.ndarray) -> Path:
+    """Writes captions [n] and encodings int [n, codes] to `path` (.jsonl or .parquet)."""
+    path = Path(path)
+    encodings = np.asarray(encodings)
+    if encodings.ndim != 2 or len(encodings) != len(captions):
+        raise ValueError(f"need one row of codes per caption: {len(captions)} captions, encodings {encodings.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        pa, pq = _pyarrow()
+        table = pa.table({CAPTION: list(captions), ENCODING: [row.tolist() for row in encodings]})
+        pq.write_table(table, path)
+    elif path.suffix == ".jsonl":
+        with open(path, "w", encoding="utf-8") as f:
+            for text, row in zip(captions, encodings):
+                f.write(json.dumps({CAPTION: text, ENCODING: row.tolist()}) + "\n")
+    else:
+        raise ValueError(f"{path}: dataset files end in .jsonl or .parquet")
+    return path
+
+
+def read_dataset(path) -> tuple[list[str], np.ndarray]:
+    """(captions [n], encodings np.int32 [n, codes]) from a .jsonl / .parquet file or a folder of them."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .jsonl or .parquet files")
+    captions, rows = [], []
+    for file in files:
+        if file.suffix == ".parquet":
+            _, pq = _pyarrow()
+            table = pq.read_table(file, columns=[CAPTION, ENCODING]).to_pydict()
+            captions += table[CAPTION]
+            rows += table[ENCODING]
+        elif file.suffix == ".jsonl":
+            for line in file.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    captions.append(record[CAPTION])
+                    rows.append(record[ENCODING])
+        else:
+            raise ValueError(f"{file}: dataset files end in .jsonl or .parquet")
+    lengths = {len(row) for row in rows}
+    if len(lengths) > 1:
+        raise ValueError(f"{path}: encodings have different lengths {sorted(lengths)[:5]}")
+    return captions, np.asarray(rows, dtype=np.int32).reshape(len(rows), -1)
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("parquet datasets need pyarrow (`pip install pyarrow`); "
+                                  "or use .jsonl files") from None
+    return pa, pq

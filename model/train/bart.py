@@ -1,0 +1,176 @@
+"""Train DalleBart on (caption, VQGAN codes) datasets: text -> image codes by teacher forcing.
+
+    python -m model.train.codes --vqgan runs/vqgan/model --out runs/codes      # the dataset first
+    python -m model.train.bart --data runs/codes --out runs/bart                # ~35 min on 2 CPU cores
+
+`--data` is a folder (or file) in upstream's training format (`caption`, `encoding` columns; jsonl,
+or parquet with pyarrow), so upstream-style encoded datasets work too; `valid.*` files in the folder
+are the validation set and the rest is training data.
+
+Text: a byte-level BPE tokenizer trained here on the training captions (after the dalle-mini text
+normalizer, as `normalize_text` makes the pipeline normalize prompts), saved with the model.
+About 10% of the captions are blanked to the empty prompt, the unconditional input that
+super-conditioning (condition_scale) contrasts with.
+
+Loss: cross entropy of `[start, c0 .. c_{n-2}] -> [c0 .. c_{n-1}]`, teacher forced.
+
+Default model (~6 M parameters, ~24 MB): d_model 256, 3 encoder + 4 decoder layers, 8 heads, GLU
+width 512, 64 image tokens of a 512-code VQGAN. AdamW 1e-3, batch 64, warmup 100, cosine decay.
+"""
+
+import argparse
+import functools
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from model.bart import DalleBart, DalleBartConfig
+from model.checkpoint import save_dalle_bart
+from model.data.dataset import read_dataset
+from model.text import TextNormalizer, load_bart_tokenizer, tokenize_prompts, train_bart_tokenizer
+from model.train.loop import LoopConfig, Task, train
+
+BLANK_CAPTION_PROBABILITY = 0.1
+TOKENIZER_CAPTIONS = 20000  # captions the BPE is trained on (the scene vocabulary is small)
+
+
+def model_config(encoder_vocab_size: int, image_vocab_size: int, image_length: int, max_text_length: int,
+                 **sizes) -> DalleBartConfig:
+    defaults = dict(d_model=256, encoder_layers=3, decoder_layers=4, encoder_attention_heads=8,
+                    decoder_attention_heads=8, encoder_ffn_dim=512, decoder_ffn_dim=512)
+    return DalleBartConfig(**{**defaults, **sizes}, encoder_vocab_size=encoder_vocab_size,
+                           image_vocab_size=image_vocab_size, image_length=image_length,
+                           max_text_length=max_text_length, normalize_text=True)
+
+
+def split_files(data) -> tuple[list[Path], list[Path]]:
+    """(training files, validation files) of a dataset folder: `valid*` files validate."""
+    data = Path(data)
+    if not data.is_dir():
+        return [data], []
+    files = sorted(p for p in data.iterdir() if p.suffix in (".jsonl", ".parquet"))
+    return [p for p in files if not p.name.startswith("valid")], [p for p in files if p.name.startswith("valid")]
+
+
+def _read(files) -> tuple[list[str], np.ndarray]:
+    captions, codes = [], []
+    for file in files:
+        texts, rows = read_dataset(file)
+        captions += texts
+        codes.append(rows)
+    return captions, np.concatenate(codes)
+
+
+def build_tokenizer(captions, folder: Path, vocab_size: int = 1024):
+    """The run's BART tokenizer, trained on normalized captions once and reused on resume."""
+    if (folder / "tokenizer.json").is_file():
+        return load_bart_tokenizer(folder)
+    normalize = TextNormalizer()
+    texts = [normalize(c) for c in captions[:TOKENIZER_CAPTIONS]]
+    return train_bart_tokenizer(texts, vocab_size, folder)
+
+
+def text_length(tokenizer, captions) -> int:
+    """Encoder positions: the longest caption's token count with some room, a multiple of 8."""
+    normalize = TextNormalizer()
+    longest = max(len(tokenizer(normalize(c))["input_ids"]) for c in captions[:5000])
+    return -(-(longest + 4) // 8) * 8
+
+
+def bart_loss(module: DalleBart, params, model_state, batch, key):
+    """batch: input_ids, attention_mask [b, T]; codes [b, S]. Mean cross entropy over all codes."""
+    cfg = module.config
+    codes = batch["codes"]
+    start = jnp.full((codes.shape[0], 1), cfg.decoder_start_token_id, codes.dtype)
+    decoder_input = jnp.concatenate([start, codes[:, :-1]], axis=1)
+    logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], decoder_input)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, codes).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
+    return loss, ({"accuracy": accuracy}, model_state)
+
+
+def make_task(data, out: Path, batch_size: int, seed: int = 0, vocab_size: int = 1024, **sizes) -> Task:
+    """The DalleBart stage over the dataset at `data`; the tokenizer is kept in out/tokenizer."""
+    out = Path(out)
+    train_files, valid_files = split_files(data)
+    captions, codes = _read(train_files)
+    tokenizer = build_tokenizer(captions, out / "tokenizer", vocab_size)
+    # The VQGAN's codebook size; when not given, the smallest power of two above the codes seen.
+    image_vocab = int(sizes.pop("image_vocab_size", 0)) or 1 << int(codes.max()).bit_length()
+    config = model_config(len(tokenizer), image_vocab, codes.shape[1], text_length(tokenizer, captions), **sizes)
+    module = DalleBart(config)
+    normalize = TextNormalizer()
+    ids, mask = tokenize_prompts(tokenizer, captions, config.max_text_length, normalize)
+    blank_ids, blank_mask = tokenize_prompts(tokenizer, [""], config.max_text_length)  # as the sampler does
+
+    def init(key):
+        text = jnp.zeros((1, config.max_text_length), jnp.int32)
+        image = jnp.zeros((1, config.image_length), jnp.int32)
+        return module.init(key, text, text, image)["params"], {}
+
+    def batch(step):
+        rng = np.random.default_rng([seed, step])
+        rows = rng.integers(0, len(codes), batch_size)
+        blank = (rng.random(batch_size) < BLANK_CAPTION_PROBABILITY)[:, None]
+        return {"input_ids": np.where(blank, blank_ids, ids[rows]),
+                "attention_mask": np.where(blank, blank_mask, mask[rows]), "codes": codes[rows]}
+
+    evaluate = None
+    if valid_files:
+        valid_captions, valid_codes = _read(valid_files)
+        valid_ids, valid_mask = tokenize_prompts(tokenizer, valid_captions, config.max_text_length, normalize)
+        valid_loss = jax.jit(lambda p, b: bart_loss(module, p, {}, b, None))
+
+        def evaluate(params, model_state):
+            totals = np.zeros(2)
+            for start in range(0, len(valid_codes) - batch_size + 1, batch_size):
+                part = slice(start, start + batch_size)
+                loss, (metrics, _) = valid_loss(params, {"input_ids": valid_ids[part], "attention_mask": valid_mask[part],
+                                                         "codes": valid_codes[part]})
+                totals += [float(loss), float(metrics["accuracy"])]
+            count = max((len(valid_codes) // batch_size), 1)
+            return {"valid_loss": totals[0] / count, "valid_accuracy": totals[1] / count}
+
+    def export(params, model_state, folder):
+        save_dalle_bart(folder, config, params)
+        tokenizer.save_pretrained(str(folder))
+
+    return Task(init=init, loss=functools.partial(bart_loss, module), batch=batch, export=export, evaluate=evaluate)
+
+
+DEFAULT_LOOP = LoopConfig(steps=2500, batch_size=64, learning_rate=1e-3, warmup_steps=100, weight_decay=0.01,
+                          log_every=25, eval_every=250)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="runs/codes", help="dataset folder or file (caption, encoding)")
+    parser.add_argument("--out", default="runs/bart", help="run folder (checkpoints, log, model/)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_LOOP.steps)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_LOOP.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LOOP.learning_rate)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--image-vocab-size", type=int, default=0,
+                        help="the VQGAN's codebook size (default: inferred from the codes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="continue from the latest checkpoint in --out (default on)")
+    parser.add_argument("--checkpoint-every", type=float, default=DEFAULT_LOOP.checkpoint_every_s, help="seconds")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if not args.resume and out.exists():
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    loop = LoopConfig(**{**DEFAULT_LOOP.__dict__, "steps": args.steps, "batch_size": args.batch_size,
+                         "learning_rate": args.learning_rate, "seed": args.seed,
+                         "checkpoint_every_s": args.checkpoint_every})
+    task = make_task(args.data, out, args.batch_size, args.seed, d_model=args.d_model,
+                     image_vocab_size=args.image_vocab_size)
+    train(task, loop, out, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
