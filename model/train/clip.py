@@ -67,6 +67,15 @@ def train_clip_tokenizer(texts, vocab_size: int, folder):
     return loaded
 
 
+def name_token_ids(config_file: Path, tokenizer) -> None:
+    """Writes the tokenizer's start/end/pad ids into config.json's text_config; otherwise transformers
+    fills in OpenAI's (49406, 49407, 1) when it reads the folder, and warns that they are out of range."""
+    config = json.loads(config_file.read_text())
+    config["text_config"].update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def model_config(vocab_size: int, eos_token_id: int, image_size: int = scenes.IMAGE_SIZE, width: int = 128,
                  text_layers: int = 2, vision_layers: int = 3, patch_size: int = 8, max_text_length: int = 32
                  ) -> CLIPConfig:
@@ -144,6 +153,7 @@ def make_task(out: Path, batch_size: int, seed: int = 0, vocab_size: int = 512, 
     def export(params, model_state, folder):
         folder = Path(folder)
         save_clip(folder, config, params)
+        name_token_ids(folder / "config.json", tokenizer)
         tokenizer.save_pretrained(str(folder))
         (folder / "preprocessor_config.json").write_text(json.dumps({
             "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},

@@ -18,6 +18,8 @@ The code path is the same on one device (no mesh) and on many.
 
 import dataclasses
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -240,6 +242,10 @@ def train(task: Task, cfg: LoopConfig, out, resume: bool = True, mesh=None, quie
     last_save = time.time()
     window = {"start": time.time(), "examples": 0}  # throughput since the last log record
     bar = tqdm(total=cfg.steps, initial=start, disable=quiet, mininterval=5.0, dynamic_ncols=True)
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        # `kill` (SIGTERM) saves like Ctrl-C; background jobs of a non-interactive shell ignore SIGINT.
+        previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for step in range(start, cfg.steps):
             state, metrics = _logged_step(task, cfg, out, jit_step, state, place_batch(task.batch(step)), step, bar,
@@ -255,9 +261,15 @@ def train(task: Task, cfg: LoopConfig, out, resume: bool = True, mesh=None, quie
         raise
     finally:
         bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     if start >= cfg.steps and not (out / "model").is_dir():
         _checkpoint(task, state, out)
     return state
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _logged_step(task, cfg, out, jit_step, state, batch, step, bar, window):
