@@ -34,19 +34,23 @@ def main(folder):
             "pixels_equal": all(np.array_equal(a[1], b[1]) for a, b in zip(reference, out)),
             "score_diff": max(float(np.abs(a[2] - b[2]).max()) for a, b in zip(reference, out)),
         }
-    # Teacher-forced logits with DalleBart's weights split over the model axis.
+    # Teacher-forced logits with DalleBart's weights split over the model axis (upstream's tree: the
+    # pipelines hold the decoding layout of bart.decoding_params).
+    from model import bart
+    from model.checkpoint import load_dalle_bart
+    from model.sharding import place_params
+
+    _, params = load_dalle_bart(f"{folder}/bart")
+    split_params = place_params(params, both.mesh, model_parallel_rules=True)
     ids = np.array([[0, 5, 9, 2] + [1] * 12], np.int32)
     mask = (ids != 1).astype(np.int32)
     decoder_ids = np.arange(16, dtype=np.int32)[None] % single.bart_config.image_vocab_size
-    from model import bart
-
-    ref = bart.decode(single.bart_params, bart.encode(single.bart_params, ids, mask, single.bart_config), mask,
-                      decoder_ids, single.bart_config)
+    ref = bart.decode(params, bart.encode(params, ids, mask, single.bart_config), mask, decoder_ids, single.bart_config)
     split = jax.jit(lambda p: bart.decode(p, bart.encode(p, ids, mask, both.bart_config), mask, decoder_ids,
-                                          both.bart_config))(both.bart_params)
+                                          both.bart_config))(split_params)
     report["model_parallel_logits_rel_err"] = float(np.abs(np.asarray(split) - np.asarray(ref)).max()
                                                     / max(1.0, float(np.abs(np.asarray(ref)).max())))
-    layers = both.bart_params["model"]["decoder"]["layers"]["FlaxBartDecoderLayers"]
+    layers = split_params["model"]["decoder"]["layers"]["FlaxBartDecoderLayers"]
     report["sharded_param_example"] = str(layers["FlaxBartAttention_0"]["q_proj"]["kernel"].sharding.spec)
     print(json.dumps(report))
 
