@@ -28,7 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image", type=Path, default=None,
                         help="make variations of this image: its top --keep-rows rows of codes are kept")
     parser.add_argument("--keep-rows", type=int, default=None, help="code rows of --image to keep (default: half)")
-    parser.add_argument("--out", type=Path, default=None, help="grid PNG to write (default grid.png unless --out-dir)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="grid PNG to write (default grid.png unless --out-dir); with --image a strip: "
+                             "original, reconstruction, variations")
     parser.add_argument("--out-dir", type=Path, default=None, help="folder for one PNG per image")
     args = parser.parse_args(argv)
     if args.prompt is None and args.image is None:
@@ -45,7 +47,10 @@ def main(argv=None) -> int:
     # Imported after parsing so --help answers at once.
     from tqdm import tqdm
 
+    from PIL import Image
+
     from model.pipeline import image_grid, load_pipeline
+    from model.validation import clean_image, fit_image
 
     try:
         pipe = load_pipeline(args.model)
@@ -71,7 +76,14 @@ def main(argv=None) -> int:
             return 2
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(result.images).save(args.out)
+        if args.image is not None:
+            # A strip: the upload as the model sees it, its VQGAN reconstruction, then the variations.
+            size = pipe.vqgan_config.resolution
+            original = Image.fromarray(fit_image(clean_image(str(args.image)), size))
+            reconstruction = pipe.decode_codes(pipe.encode_image(original))[0]
+            image_grid([original, reconstruction, *result.images], columns=len(result.images) + 2).save(args.out)
+        else:
+            image_grid(result.images).save(args.out)
         print(f"wrote {args.out}")
     if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
