@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from min_dalle.models import DalleBartDecoder, DalleBartEncoder
 
+from benchmarks.min_dalle_port import MIN_DALLE_IMAGE_POSITIONS, min_dalle_decoder, min_dalle_encoder
 from model.bart import DalleBart, DalleBartConfig
 from model.errors import UnsupportedOptionError
 
@@ -20,7 +20,6 @@ TINY = DalleBartConfig(
     max_text_length=16, image_length=24,
 )
 # min-dalle hard-wires 256 decoder positions (and a batch of 2 text rows in its encoder).
-MIN_DALLE_IMAGE_POSITIONS = 256
 TOLERANCE = 1e-5
 
 
@@ -66,87 +65,6 @@ def example_inputs(config: DalleBartConfig, batch: int, seed: int = 0):
 
 # ---------------------------------------------------------------------------------------------
 # Converter: our (upstream flax) tree -> min-dalle state dicts. torch Linear weights are [out, in].
-
-
-def _t(x) -> torch.Tensor:
-    return torch.tensor(np.array(x))
-
-
-def _norm(prefix: str, p: dict, layer: int | None = None) -> dict:
-    """min-dalle norms always have a weight; upstream's bias-only norms have scale 1."""
-    pick = (lambda x: x) if layer is None else (lambda x: x[layer])
-    bias = pick(p["bias"])
-    scale = pick(p["scale"]) if "scale" in p else np.ones(bias.shape, np.float32)
-    return {f"{prefix}.weight": _t(scale), f"{prefix}.bias": _t(bias)}
-
-
-def _attention(prefix: str, p: dict, layer: int) -> dict:
-    names = ("q_proj", "k_proj", "v_proj", "out_proj")
-    return {f"{prefix}.{name}.weight": _t(p[name]["kernel"][layer].T) for name in names}
-
-
-def _glu(prefix: str, p: dict, layer: int) -> dict:
-    return {
-        **_norm(f"{prefix}.ln0", p["LayerNorm_0"], layer),
-        f"{prefix}.fc0.weight": _t(p["Dense_0"]["kernel"][layer].T),
-        f"{prefix}.fc1.weight": _t(p["Dense_1"]["kernel"][layer].T),
-        **_norm(f"{prefix}.ln1", p["LayerNorm_1"], layer),
-        f"{prefix}.fc2.weight": _t(p["Dense_2"]["kernel"][layer].T),
-    }
-
-
-def min_dalle_encoder(params: dict, config: DalleBartConfig) -> DalleBartEncoder:
-    p = params["model"]["encoder"]
-    layers = p["layers"]["FlaxBartEncoderLayers"]
-    state = {
-        "embed_tokens.weight": _t(p["embed_tokens"]["embedding"]),
-        "embed_positions.weight": _t(p["embed_positions"]["embedding"]),
-        **_norm("layernorm_embedding", p["layernorm_embedding"]),
-        **_norm("final_ln", p["final_ln"]),
-    }
-    for i in range(config.encoder_layers):
-        state.update(_norm(f"layers.{i}.pre_self_attn_layer_norm", layers["LayerNorm_0"], i))
-        state.update(_attention(f"layers.{i}.self_attn", layers["FlaxBartAttention_0"], i))
-        state.update(_norm(f"layers.{i}.self_attn_layer_norm", layers["LayerNorm_1"], i))
-        state.update(_glu(f"layers.{i}.glu", layers["GLU_0"], i))
-    encoder = DalleBartEncoder(
-        layer_count=config.encoder_layers, embed_count=config.d_model,
-        attention_head_count=config.encoder_attention_heads, text_vocab_count=config.encoder_vocab_size,
-        text_token_count=config.max_text_length, glu_embed_count=config.encoder_ffn_dim, device="cpu",
-    )
-    encoder.load_state_dict(state, strict=True)
-    return encoder.eval()
-
-
-def min_dalle_decoder(params: dict, config: DalleBartConfig) -> DalleBartDecoder:
-    p = params["model"]["decoder"]
-    layers = p["layers"]["FlaxBartDecoderLayers"]
-    positions = np.asarray(p["embed_positions"]["embedding"])
-    # Rows past image_length are never read for our sequences; fill them to min-dalle's size.
-    filler_shape = (MIN_DALLE_IMAGE_POSITIONS - len(positions), config.d_model)
-    filler = np.random.default_rng(7).standard_normal(filler_shape)
-    state = {
-        "embed_tokens.weight": _t(p["embed_tokens"]["embedding"]),
-        "embed_positions.weight": _t(np.concatenate([positions, filler.astype(np.float32)])),
-        **_norm("layernorm_embedding", p["layernorm_embedding"]),
-        **_norm("final_ln", p["final_ln"]),
-        "lm_head.weight": _t(params["lm_head"]["kernel"].T),
-    }
-    for i in range(config.decoder_layers):
-        state.update(_norm(f"layers.{i}.pre_self_attn_layer_norm", layers["LayerNorm_0"], i))
-        state.update(_attention(f"layers.{i}.self_attn", layers["FlaxBartAttention_0"], i))
-        state.update(_norm(f"layers.{i}.self_attn_layer_norm", layers["LayerNorm_1"], i))
-        state.update(_norm(f"layers.{i}.pre_encoder_attn_layer_norm", layers["LayerNorm_2"], i))
-        state.update(_attention(f"layers.{i}.encoder_attn", layers["FlaxBartAttention_1"], i))
-        state.update(_norm(f"layers.{i}.encoder_attn_layer_norm", layers["LayerNorm_3"], i))
-        state.update(_glu(f"layers.{i}.glu", layers["GLU_0"], i))
-    decoder = DalleBartDecoder(
-        image_vocab_count=config.image_vocab_size, embed_count=config.d_model,
-        attention_head_count=config.decoder_attention_heads, glu_embed_count=config.decoder_ffn_dim,
-        layer_count=config.decoder_layers, device="cpu",
-    )
-    decoder.load_state_dict(state, strict=True)
-    return decoder.eval()
 
 
 def decode_all_steps(model, params, input_ids, attention_mask, decoder_ids):
