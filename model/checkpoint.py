@@ -212,11 +212,8 @@ def load_dalle_bart(path_or_repo, revision=None):
 
 
 def save_dalle_bart(folder, module_or_config, params) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_config(folder, _config_of(module_or_config).to_dict())
-    write_msgpack(folder / FLAX_WEIGHTS, params)
-    return folder
+    """config.json + flax_model.msgpack (scanned layers), as the published repos hold them."""
+    return _save_flax_folder(folder, module_or_config, params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,11 +235,8 @@ def load_vqgan(path_or_repo, revision=None):
 
 
 def save_vqgan(folder, module_or_config, params) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_config(folder, _config_of(module_or_config).to_dict())
-    write_msgpack(folder / FLAX_WEIGHTS, params)
-    return folder
+    """config.json + flax_model.msgpack, as vqgan-jax writes them."""
+    return _save_flax_folder(folder, module_or_config, params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +286,14 @@ def save_clip(folder, module_or_config, params) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     write_config(folder, _config_of(module_or_config).to_dict())
     save_file(params_to_torch_state_dict(params), str(folder / SAFETENSORS_WEIGHTS), metadata={"format": "pt"})
+    return folder
+
+
+def _save_flax_folder(folder, module_or_config, params) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_config(folder, _config_of(module_or_config).to_dict())
+    write_msgpack(folder / FLAX_WEIGHTS, params)
     return folder
 
 
