@@ -32,7 +32,7 @@ from model.bart import DalleBart, DalleBartConfig
 from model.checkpoint import save_dalle_bart
 from model.data.dataset import read_dataset
 from model.text import TextNormalizer, load_bart_tokenizer, tokenize_prompts, train_bart_tokenizer
-from model.train.loop import LoopConfig, Task, train
+from model.train.loop import LoopConfig, Task, add_loop_arguments, loop_config, train
 
 BLANK_CAPTION_PROBABILITY = 0.1
 TOKENIZER_CAPTIONS = 20000  # captions the BPE is trained on (the scene vocabulary is small)
@@ -149,24 +149,15 @@ DEFAULT_LOOP = LoopConfig(steps=2500, batch_size=64, learning_rate=1e-3, warmup_
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="runs/codes", help="dataset folder or file (caption, encoding)")
-    parser.add_argument("--out", default="runs/bart", help="run folder (checkpoints, log, model/)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_LOOP.steps)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_LOOP.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LOOP.learning_rate)
+    add_loop_arguments(parser, DEFAULT_LOOP, out="runs/bart")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--image-vocab-size", type=int, default=0,
                         help="the VQGAN's codebook size (default: inferred from the codes)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from the latest checkpoint in --out (default on)")
-    parser.add_argument("--checkpoint-every", type=float, default=DEFAULT_LOOP.checkpoint_every_s, help="seconds")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if not args.resume and out.exists():
         shutil.rmtree(out / "tokenizer", ignore_errors=True)
-    loop = LoopConfig(**{**DEFAULT_LOOP.__dict__, "steps": args.steps, "batch_size": args.batch_size,
-                         "learning_rate": args.learning_rate, "seed": args.seed,
-                         "checkpoint_every_s": args.checkpoint_every})
+    loop = loop_config(args, DEFAULT_LOOP)
     task = make_task(args.data, out, args.batch_size, args.seed, d_model=args.d_model,
                      image_vocab_size=args.image_vocab_size)
     train(task, loop, out, resume=args.resume)

@@ -32,7 +32,7 @@ from model.checkpoint import save_clip
 from model.clip import CLIP, CLIPConfig
 from model.data import scenes
 from model.text import clip_preprocess, clip_tokenize
-from model.train.loop import LoopConfig, Task, train
+from model.train.loop import LoopConfig, Task, add_loop_arguments, loop_config, train
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.25, 0.25, 0.25)
@@ -170,18 +170,9 @@ DEFAULT_LOOP = LoopConfig(steps=1500, batch_size=128, learning_rate=5e-4, warmup
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/clip", help="run folder (checkpoints, log, model/)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_LOOP.steps)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_LOOP.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LOOP.learning_rate)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from the latest checkpoint in --out (default on)")
-    parser.add_argument("--checkpoint-every", type=float, default=DEFAULT_LOOP.checkpoint_every_s, help="seconds")
+    add_loop_arguments(parser, DEFAULT_LOOP, out="runs/clip")
     args = parser.parse_args(argv)
-    loop = LoopConfig(**{**DEFAULT_LOOP.__dict__, "steps": args.steps, "batch_size": args.batch_size,
-                         "learning_rate": args.learning_rate, "seed": args.seed,
-                         "checkpoint_every_s": args.checkpoint_every})
+    loop = loop_config(args, DEFAULT_LOOP)
     train(make_task(args.out, args.batch_size, args.seed), loop, args.out, resume=args.resume)
 
 

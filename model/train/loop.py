@@ -16,6 +16,7 @@ batch by rows and replicates parameters and optimizer state; jit inserts the gra
 The code path is the same on one device (no mesh) and on many.
 """
 
+import argparse
 import dataclasses
 import json
 import signal
@@ -204,6 +205,25 @@ def _append_log(out: Path, record: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The loop
+
+
+def add_loop_arguments(parser, defaults: LoopConfig, out: str) -> None:
+    """The command-line flags every trainer shares (run folder, length, batch, rate, seed, resume)."""
+    parser.add_argument("--out", default=out, help="run folder (checkpoints, log, model/)")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="continue from the latest checkpoint in --out (default on)")
+    parser.add_argument("--checkpoint-every", type=float, default=defaults.checkpoint_every_s, help="seconds")
+
+
+def loop_config(args, defaults: LoopConfig) -> LoopConfig:
+    """`defaults` with the shared flags of `add_loop_arguments` applied."""
+    return dataclasses.replace(defaults, steps=args.steps, batch_size=args.batch_size,
+                               learning_rate=args.learning_rate, seed=args.seed,
+                               checkpoint_every_s=args.checkpoint_every)
 
 
 def train(task: Task, cfg: LoopConfig, out, resume: bool = True, mesh=None, quiet: bool = False) -> TrainState:

@@ -28,7 +28,7 @@ import numpy as np
 
 from model.checkpoint import save_vqgan
 from model.data import scenes
-from model.train.loop import LoopConfig, Task, train
+from model.train.loop import LoopConfig, Task, add_loop_arguments, loop_config, train
 from model.vqgan import VQGAN, VQGANConfig
 
 EMA_DECAY = 0.99
@@ -161,20 +161,11 @@ DEFAULT_LOOP = LoopConfig(steps=3000, batch_size=32, learning_rate=1e-3, warmup_
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/vqgan", help="run folder (checkpoints, log, model/)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_LOOP.steps)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_LOOP.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LOOP.learning_rate)
+    add_loop_arguments(parser, DEFAULT_LOOP, out="runs/vqgan")
     parser.add_argument("--factor", type=int, choices=(4, 8), default=8, help="downsampling factor")
     parser.add_argument("--n-embed", type=int, default=512, help="codebook size")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from the latest checkpoint in --out (default on)")
-    parser.add_argument("--checkpoint-every", type=float, default=DEFAULT_LOOP.checkpoint_every_s, help="seconds")
     args = parser.parse_args(argv)
-    loop = LoopConfig(**{**DEFAULT_LOOP.__dict__, "steps": args.steps, "batch_size": args.batch_size,
-                         "learning_rate": args.learning_rate, "seed": args.seed,
-                         "checkpoint_every_s": args.checkpoint_every})
+    loop = loop_config(args, DEFAULT_LOOP)
     task = make_task(model_config(args.factor, args.n_embed), args.batch_size, args.seed)
     train(task, loop, args.out, resume=args.resume)
 
