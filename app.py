@@ -20,6 +20,8 @@ request must fail alone. A caller with many prompts sends them together instead.
 
 import argparse
 import contextlib
+import functools
+import inspect
 import os
 import secrets
 import signal
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import gradio as gr
@@ -35,7 +38,8 @@ from gradio.utils import get_upload_folder
 from PIL import PngImagePlugin
 
 from model.errors import CheckpointError, InvalidInputError
-from model.pipeline import Defaults, Preview, default_compilation_cache, enable_compilation_cache, load_pipeline
+from model.pipeline import (Defaults, Preview, Progress, default_compilation_cache, enable_compilation_cache,
+                            load_pipeline)
 from model.validation import LIMITS, MAX_SEED, check_number, clean_prompt
 
 TITLE = "DALL·E mini in JAX/Flax"
@@ -75,11 +79,36 @@ def validate_knobs(**knobs) -> dict:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turns the library's InvalidInputError into the gr.Error the page shows and the API returns."""
+    """Turns the library's InvalidInputError into the gr.Error the page shows and the API returns, and
+    any other failure into a short message with a reference to the traceback in the server's log: the
+    request fails alone, its caller learns nothing about the server's internals, the server goes on."""
     try:
         yield
+    except gr.Error:
+        raise
     except InvalidInputError as error:
         raise gr.Error(str(error)) from None
+    except Exception:
+        reference = secrets.token_hex(4)
+        print(f"Request failed (reference {reference}):\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        raise gr.Error(f"Something went wrong on the server while making these images (reference {reference}). "
+                       "Please try again.") from None
+
+
+def handler(fn):
+    """A request handler (plain or generator) whose every failure goes through `user_errors`."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            with user_errors():
+                yield from fn(*args, **kwargs)
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with user_errors():
+            return fn(*args, **kwargs)
+    return call
 
 
 # -------------------------------------------------------------------------------------------------
@@ -147,6 +176,11 @@ class Space:
 
     # API --------------------------------------------------------------------------------------
 
+    # The API handlers are generators that yield "no change" after every chunk of sampled codes: when a
+    # caller disconnects or cancels, Gradio stops iterating there and closes the generator, which frees
+    # the model's slot at once instead of after the whole (possibly minutes long) generation.
+
+    @handler
     def generate(self, prompt, num_images=None, seed=None, temperature=None, top_k=None, top_p=None,
                  condition_scale=None, candidates=None, model=None):
         """Images for one prompt as PNG files, best CLIP score first, and a JSON record
@@ -157,11 +191,13 @@ class Space:
         knobs = validate_knobs(num_images=num_images, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
                                condition_scale=condition_scale, candidates=candidates)
         pipe = self.models.get(model)
-        with self.models.slot(model), user_errors():
-            result = pipe.generate(prompt, **knobs)
+        with self.models.slot(model):
+            result = yield from _until_result(pipe.generate_stream(prompt, preview_every=None, yield_progress=True,
+                                                                   **knobs))
         paths = self._save(result, model)
-        return paths, self._record(result, model, paths)
+        yield paths, self._record(result, model, paths)
 
+    @handler
     def generate_batch(self, prompt, num_images=None, seed=None, temperature=None, top_k=None, top_p=None,
                        condition_scale=None, candidates=None, model=None):
         """Several prompts sampled as one batch with the same knobs and seed. Returns every image as PNG
@@ -178,18 +214,20 @@ class Space:
         pipe = self.models.get(model)
         # One seed for the batch, drawn here when none is given, so the record can report it.
         knobs["seed"] = pipe.resolve_parameters(seed=knobs["seed"])["seed"]
-        with self.models.slot(model), user_errors():
-            results = pipe.generate(prompts, **knobs)
+        with self.models.slot(model):
+            results = yield from _until_result(pipe.generate_stream(prompts, preview_every=None, yield_progress=True,
+                                                                    **knobs))
         all_paths, records = [], []
         for result in results:
             paths = self._save(result, model)
             all_paths += paths
             records.append({"prompt": result.prompt, "scores": result.scores, "files": [Path(p).name for p in paths]})
-        return all_paths, {"model": model, "seed": results[0].seed, "parameters": results[0].parameters,
-                           "results": records}
+        yield all_paths, {"model": model, "seed": results[0].seed, "parameters": results[0].parameters,
+                          "results": records}
 
     # Page -------------------------------------------------------------------------------------
 
+    @handler
     def run(self, prompt, model, num_images, candidates, seed, randomize, temperature, top_k, top_p,
             condition_scale, progress=gr.Progress()):
         """The Run button: previews while sampling, then the images with CLIP scores as captions."""
@@ -198,8 +236,9 @@ class Space:
                                top_k=top_k, top_p=top_p, condition_scale=condition_scale, candidates=candidates)
         pipe = self.models.get(model)
         yield from self._page_stream(
-            lambda: pipe.generate_stream(prompt, preview_every=self.preview_every, **knobs), model, prompt, progress)
+            lambda: pipe.generate_stream(prompt, preview_every=self.preview_every, yield_progress=True, **knobs), model, prompt, progress)
 
+    @handler
     def vary_page(self, image, prompt, keep_rows, model, num_images, candidates, seed, randomize, temperature,
                   top_k, top_p, condition_scale, progress=gr.Progress()):
         """The Variations tab: the upload's top rows kept, the rest sampled (following the prompt if any)."""
@@ -209,16 +248,20 @@ class Space:
                                top_k=top_k, top_p=top_p, condition_scale=condition_scale, candidates=candidates)
         pipe = self.models.get(model)
         yield from self._page_stream(
-            lambda: pipe.vary_stream(image, prompt or None, keep_rows, preview_every=self.preview_every, **knobs),
+            lambda: pipe.vary_stream(image, prompt or None, keep_rows, preview_every=self.preview_every,
+                                  yield_progress=True, **knobs),
             model, prompt or "variation", progress)
 
     def _page_stream(self, start_stream, model, label, progress):
         """Previews of a pipeline stream into the gallery, then its result with CLIP scores."""
         start = time.perf_counter()
         progress(0.0, desc="Sampling image tokens")
-        with self.models.slot(model), user_errors():
+        with self.models.slot(model):
             for item in start_stream():
-                if isinstance(item, Preview):
+                if isinstance(item, Progress):
+                    progress(item.step / item.total, desc=f"Sampling image tokens {item.step}/{item.total}")
+                    yield gr.skip(), gr.skip(), gr.skip()
+                elif isinstance(item, Preview):
                     progress(item.step / item.total, desc=f"Sampling image tokens {item.step}/{item.total}")
                     paths = self._write_pngs(item.images[0], {"prompt": label, "preview": str(item.step)})
                     yield ([(p, f"{item.step}/{item.total} tokens") for p in paths], gr.update(),
@@ -227,6 +270,7 @@ class Space:
                     result = item
         yield self._page_outputs(result, model, time.perf_counter() - start)
 
+    @handler
     def variations(self, image, prompt=None, keep_rows=None, num_images=None, seed=None, temperature=None,
                    top_k=None, top_p=None, condition_scale=None, candidates=None, model=None):
         """API: variations of an uploaded image file. Its top `keep_rows` rows of image tokens are kept,
@@ -237,11 +281,13 @@ class Space:
         knobs = validate_knobs(num_images=num_images, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
                                condition_scale=condition_scale, candidates=candidates)
         pipe = self.models.get(model)
-        with self.models.slot(model), user_errors():
-            result = pipe.vary(image, prompt or None, keep_rows, **knobs)
+        with self.models.slot(model):
+            result = yield from _until_result(pipe.vary_stream(image, prompt or None, keep_rows, preview_every=None,
+                                                               yield_progress=True, **knobs))
         paths = self._save(result, model)
-        return paths, self._record(result, model, paths)
+        yield paths, self._record(result, model, paths)
 
+    @handler
     def run_example(self, prompt):
         """An example prompt on the primary model with its defaults and a fixed seed (cached lazily)."""
         pipe = self.models.get(self.models.primary)
@@ -250,6 +296,7 @@ class Space:
             result = pipe.generate(prompt, seed=EXAMPLE_SEED)
         return self._page_outputs(result, self.models.primary, time.perf_counter() - start)
 
+    @handler
     def model_defaults(self, model):
         """The knob sliders for a model's defaults when the model choice changes (nothing is loaded)."""
         d = self.models.defaults(model)
@@ -286,6 +333,15 @@ class Space:
     def _record(result, model, paths) -> dict:
         return {"model": model, "prompt": result.prompt, "seed": result.seed, "scores": result.scores,
                 "parameters": result.parameters, "files": [Path(p).name for p in paths]}
+
+
+def _until_result(stream):
+    """Passes a pipeline stream's chunks on as "no change" to both API outputs; returns its result."""
+    for item in stream:
+        if isinstance(item, (Progress, Preview)):
+            yield gr.skip(), gr.skip()
+        else:
+            return item
 
 
 # -------------------------------------------------------------------------------------------------

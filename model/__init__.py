@@ -6,7 +6,7 @@
 The names below are imported on first use, so `import model.text` does not pull in the pipeline.
 """
 
-_PUBLIC = {"load_pipeline", "Pipeline", "GenerationResult", "Preview", "image_grid"}
+_PUBLIC = {"load_pipeline", "Pipeline", "GenerationResult", "Preview", "Progress", "image_grid"}
 
 
 def __getattr__(name):

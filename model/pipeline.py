@@ -111,6 +111,14 @@ class Preview:
     images: list  # per prompt: list of PIL images (the first num_images candidates)
 
 
+@dataclasses.dataclass
+class Progress:
+    """A chunk of codes sampled (streams with `yield_progress`): a point where a consumer may stop."""
+
+    step: int  # codes sampled per image so far
+    total: int  # image_length
+
+
 def _bucket(rows: int, multiple: int) -> int:
     """The smallest bucket >= rows that the data-parallel device count divides."""
     for size in ROW_BUCKETS:
@@ -182,17 +190,20 @@ class Pipeline:
 
     def generate_stream(self, prompt, num_images=None, seed=None, temperature=None, top_k=None,
                         top_p=None, condition_scale=None, candidates=None, preview_every=64,
-                        on_progress=None) -> Iterator:
+                        on_progress=None, yield_progress=False) -> Iterator:
         """Yields `Preview`s every `preview_every` sampled codes (None: no previews), then the result
         (a `GenerationResult`, or a list of them when `prompt` is a list).
 
         `on_progress(step, total)` is called after every chunk of sampled codes (for progress bars).
+        `yield_progress`: also yield a `Progress` after each chunk that yields no preview, so a consumer can
+        stop the work between chunks by closing the stream (the app does when its client goes away).
         """
         prompts, single = clean_prompts(prompt)
         knobs = self.resolve_parameters(num_images=num_images, seed=seed, temperature=temperature,
                                         top_k=top_k, top_p=top_p, condition_scale=condition_scale,
                                         candidates=candidates)
-        results = yield from self._stream(prompts, knobs, knobs["condition_scale"] != 1.0, preview_every, on_progress)
+        results = yield from self._stream(prompts, knobs, knobs["condition_scale"] != 1.0, preview_every, on_progress,
+                                          yield_progress)
         yield results[0] if single else results
 
     def vary(self, image, prompt=None, keep_rows=None, num_images=None, seed=None, temperature=None, top_k=None,
@@ -211,8 +222,9 @@ class Pipeline:
 
     def vary_stream(self, image, prompt=None, keep_rows=None, num_images=None, seed=None, temperature=None,
                     top_k=None, top_p=None, condition_scale=None, candidates=None, preview_every=64,
-                    on_progress=None) -> Iterator:
-        """`vary` with `Preview`s every `preview_every` codes, then the `GenerationResult`."""
+                    on_progress=None, yield_progress=False) -> Iterator:
+        """`vary` with `Preview`s every `preview_every` codes (and `Progress` as in `generate_stream`),
+        then the `GenerationResult`."""
         side = self.vqgan_config.latent_size
         keep_rows = side // 2 if keep_rows is None else check_count("keep_rows", keep_rows, 0, side)
         upload = clean_image(image)
@@ -224,7 +236,7 @@ class Pipeline:
         codes = self.encode_image(upload)
         use_guidance = prompts is not None and knobs["condition_scale"] != 1.0
         results = yield from self._stream(prompts or [""], knobs, use_guidance, preview_every, on_progress,
-                                          prefix=codes, prefix_length=keep_rows * side,
+                                          yield_progress, prefix=codes, prefix_length=keep_rows * side,
                                           reference=None if prompts else upload)
         yield results[0]
 
@@ -239,8 +251,8 @@ class Pipeline:
         codes = np.atleast_2d(np.asarray(codes, np.int32))
         return [Image.fromarray(image) for image in self._pixels(codes)]
 
-    def _stream(self, prompts, knobs, use_guidance, preview_every, on_progress, prefix=None, prefix_length=0,
-                reference=None):
+    def _stream(self, prompts, knobs, use_guidance, preview_every, on_progress, yield_progress=False, prefix=None,
+                prefix_length=0, reference=None):
         """Samples knobs["candidates"] images per prompt (optionally continuing `prefix` codes), yields
         previews, and returns the reranked results (by `reference` image similarity when given)."""
         cfg = self.bart_config
@@ -283,6 +295,8 @@ class Pipeline:
             if preview_every and done >= next_preview and done < cfg.image_length:
                 next_preview += preview_every
                 yield self._preview(state.codes, done, len(prompts), per_prompt, knobs["num_images"])
+            elif yield_progress and done < cfg.image_length:
+                yield Progress(step=done, total=cfg.image_length)
         codes = sharding.to_host(state.codes)[:rows]
         # 4. Pixels, then CLIP scores of each image against its own prompt (or the reference image).
         pixels = self._pixels(codes)

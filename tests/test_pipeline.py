@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from model import sampling
-from model.pipeline import GenerationResult, Preview, load_pipeline
+from model.pipeline import GenerationResult, Preview, Progress, load_pipeline
 from tests.tiny import write_tiny_pipeline
 
 
@@ -69,6 +69,21 @@ def test_stream_yields_previews_then_the_result(pipe, monkeypatch):
     top = np.asarray(previews[0].images[0][0])
     assert (top[8:] == 255).all() and not (top[:8] == 255).all()
     np.testing.assert_array_equal(final.codes, pipe.generate("a small red apple", num_images=2, seed=1).codes)
+
+
+def test_stream_yields_progress_per_chunk_and_closing_it_stops_sampling(pipe, monkeypatch):
+    monkeypatch.setattr("model.pipeline.CHUNK_STEPS", 4)
+    items = list(pipe.generate_stream("a small red apple", num_images=2, seed=1, preview_every=8, yield_progress=True))
+    assert [(type(i).__name__, i.step) for i in items[:-1]] == [("Progress", 4), ("Preview", 8), ("Progress", 12)]
+    assert all(i.total == 16 for i in items[:-1]) and isinstance(items[-1], GenerationResult)
+
+    chunks = []
+    original = sampling.sample_codes_chunk
+    monkeypatch.setattr(sampling, "sample_codes_chunk", lambda *a, **k: chunks.append(1) or original(*a, **k))
+    stream = pipe.generate_stream("a small red apple", num_images=2, seed=1, preview_every=None, yield_progress=True)
+    assert isinstance(next(stream), Progress)
+    stream.close()  # what the app does when its client goes away
+    assert len(chunks) == 1
 
 
 def test_changing_knobs_and_seed_never_recompiles(pipe):
