@@ -502,8 +502,11 @@ def main(argv=None):
         demo = build_demo(space)
         demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
         print(f"Ready after {time.perf_counter() - started:.1f} s", flush=True)
+        # show_error: the message of an error Gradio itself raises before a handler runs (an upload path
+        # outside its folders, a malformed file reference) reaches the caller instead of a bare "Error";
+        # the handlers' own failures are gr.Error already (user_errors), with no internals in them.
         demo.launch(server_name=args.host, server_port=args.port, css=CSS, ssr_mode=False, max_file_size=MAX_UPLOAD,
-                    footer_links=["api", "gradio", "settings"])
+                    show_error=True, footer_links=["api", "gradio", "settings"])
     finally:
         if examples_cache:
             shutil.rmtree(examples_cache, ignore_errors=True)

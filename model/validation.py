@@ -147,7 +147,10 @@ def _open_image(source) -> Image.Image:
             image.load()
     except InvalidInputError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # Pillow refuses far larger images in Image.open already, before the size check above.
+        raise InvalidInputError(f"The image is too large ({error}); at most {MAX_IMAGE_PIXELS:,} pixels.") from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise InvalidInputError(f"The upload is not an image that can be read (PNG, JPEG, WebP, ...): {error}") from None
     return image
 
