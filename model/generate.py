@@ -42,6 +42,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_outputs(out: Path | None, out_dir: Path | None) -> None:
+    """InvalidInputError unless --out is a writable image file name and --out-dir a usable folder."""
+    from PIL import Image
+
+    if out is not None:
+        if out.is_dir():
+            raise InvalidInputError(f"--out {out} is a folder; give a file name such as grid.png.")
+        if out.suffix.lower() not in Image.registered_extensions():
+            raise InvalidInputError(f"--out {out} needs an image file extension such as .png, .jpg or .webp.")
+        _make_folder(out.parent, "--out")
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InvalidInputError(f"--out-dir {out_dir} is a file, not a folder.")
+        _make_folder(out_dir, "--out-dir")
+
+
+def _make_folder(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidInputError(f"{flag}: cannot create the folder {folder}: {error.strerror}.") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Imported after parsing so --help answers at once.
@@ -50,16 +73,24 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from model.pipeline import image_grid, load_pipeline
-    from model.validation import clean_image, fit_image
+    from model.validation import check_number, clean_image, clean_prompt, fit_image
 
-    try:
-        pipe = load_pipeline(args.model)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     knobs = dict(num_images=args.num_images, candidates=args.candidates, seed=args.seed,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  condition_scale=args.condition_scale)
+    # Everything the user typed is checked before the (for the published models, minute-long) load,
+    # and the outputs before sampling, so a typo never costs a generation.
+    try:
+        for name, value in knobs.items():
+            if value is not None:
+                check_number(name, value)
+        if args.image is None:
+            clean_prompt(args.prompt)
+        check_outputs(args.out, args.out_dir)
+        pipe = load_pipeline(args.model)
+    except (InvalidInputError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     with tqdm(total=pipe.bart_config.image_length, unit="code", desc="sampling") as bar:
         def advance(step, total):
             bar.update(step - bar.n)
@@ -75,7 +106,6 @@ def main(argv=None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         if args.image is not None:
             # A strip: the upload as the model sees it, its VQGAN reconstruction, then the variations.
             size = pipe.vqgan_config.resolution
@@ -86,7 +116,6 @@ def main(argv=None) -> int:
             image_grid(result.images).save(args.out)
         print(f"wrote {args.out}")
     if args.out_dir is not None:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
         for rank, (image, score) in enumerate(zip(result.images, result.scores)):
             image.save(args.out_dir / f"{rank:02d}_score{score:.2f}.png")
         print(f"wrote {len(result.images)} images to {args.out_dir}")

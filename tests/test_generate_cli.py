@@ -1,4 +1,5 @@
-"""python -m model.generate writes valid PNGs and reports its seed; a bad model folder is one clear line."""
+"""python -m model.generate writes valid PNGs and reports its seed; bad input and a bad model folder are one
+clear line each, and bad input is reported before the model loads."""
 
 import subprocess
 import sys
@@ -55,3 +56,22 @@ def test_cli_bad_upload_is_a_clear_error(folder, tmp_path):
     out = _cli("--image", str(tmp_path / "bad.png"), "--model", str(folder))
     assert out.returncode == 2 and "error: The upload is not an image" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["a fox", "--top-p", "1.5"], "top_p must be between"),
+    (["a fox", "--num-images", "0"], "num_images must be between"),
+    (["a fox", "--temperature", "nan"], "temperature must be a finite number"),
+    (["a fox", "--seed", "-1"], "seed must be between"),
+    (["a fox", "--candidates", "1000"], "candidates must be between"),
+    (["  \t "], "Please enter a prompt"),
+    (["a fox", "--out", "grid.xyz"], "needs an image file extension"),
+    (["a fox", "--out", "."], "is a folder"),
+    (["a fox", "--out-dir", "README.md"], "is a file, not a folder"),
+    (["a fox", "--top-k", "many"], "argument --top-k: invalid int value"),
+])
+def test_cli_bad_input_is_one_clear_line_before_loading(tmp_path, args, message):
+    # The model folder does not exist: the input must be refused before anything is loaded.
+    out = _cli(*args, "--model", str(tmp_path / "missing"))
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "No model folder" not in out.stderr and "Traceback" not in out.stderr
