@@ -34,6 +34,9 @@ import traceback
 from pathlib import Path
 
 import gradio as gr
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from gradio.utils import get_upload_folder
 from PIL import PngImagePlugin
 
@@ -132,7 +135,8 @@ class Models:
 
     def get(self, name):
         """The pipeline, loaded now if needed; a gr.Error when it cannot be."""
-        if name not in self._load_locks:
+        # Gradio's Dropdown lets a list of valid choices through even without multiselect.
+        if not isinstance(name, str) or name not in self._load_locks:
             raise gr.Error(f"model must be one of {self.names}, got {name!r}.")
         with self._load_locks[name]:
             if name not in self._pipes:
@@ -335,6 +339,13 @@ class Space:
                 "parameters": result.parameters, "files": [Path(p).name for p in paths]}
 
 
+def _request_validation_error(request, error):
+    """FastAPI's answer to a malformed API body, minus the echoed input: echoing it made a lone
+    surrogate in the body (valid JSON, not encodable as UTF-8) an HTTP 500 instead of a 422."""
+    details = [{key: value for key, value in item.items() if key in ("loc", "msg", "type")} for item in error.errors()]
+    return JSONResponse({"detail": jsonable_encoder(details)}, status_code=422)
+
+
 def _until_result(stream):
     """Passes a pipeline stream's chunks on as "no change" to both API outputs; returns its result."""
     for item in stream:
@@ -428,7 +439,9 @@ def build_demo(space: Space) -> gr.Blocks:
         # API-only inputs and outputs: hidden components named like the Python arguments.
         with gr.Column(visible=False):
             api_model = gr.Dropdown(models.names, value=models.primary, label="model")
-            api_knobs = [gr.Number(None, label=name, precision=0 if LIMITS[name][2] is int else None) for name in KNOBS]
+            # precision=None for every number: Gradio would round 1.5 to 2 (and True to 1) before
+            # model.validation could refuse a fraction for a whole-number knob.
+            api_knobs = [gr.Number(None, label=name) for name in KNOBS]
             api_files = gr.File(file_count="multiple", label="images")
             api_record = gr.JSON(label="record")
             gr.Button().click(space.generate, [gr.Textbox(label="prompt"), *api_knobs, api_model],
@@ -439,7 +452,7 @@ def build_demo(space: Space) -> gr.Blocks:
             # checks exactly what was sent: animations, CMYK, sizes.
             gr.Button().click(space.variations,
                               [gr.File(label="image", type="filepath"), gr.Textbox(label="prompt"),
-                               gr.Number(None, label="keep_rows", precision=0), *api_knobs, api_model],
+                               gr.Number(None, label="keep_rows"), *api_knobs, api_model],
                               [api_files, api_record], api_name="variations", **generating)
     return demo
 
@@ -506,7 +519,8 @@ def main(argv=None):
         # outside its folders, a malformed file reference) reaches the caller instead of a bare "Error";
         # the handlers' own failures are gr.Error already (user_errors), with no internals in them.
         demo.launch(server_name=args.host, server_port=args.port, css=CSS, ssr_mode=False, max_file_size=MAX_UPLOAD,
-                    show_error=True, footer_links=["api", "gradio", "settings"])
+                    show_error=True, footer_links=["api", "gradio", "settings"],
+                    app_kwargs={"exception_handlers": {RequestValidationError: _request_validation_error}})
     finally:
         if examples_cache:
             shutil.rmtree(examples_cache, ignore_errors=True)

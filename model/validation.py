@@ -35,21 +35,35 @@ LIMITS = {
 def check_number(name: str, value):
     """`value` as the int/float that LIMITS says `name` takes, or InvalidInputError."""
     low, high, kind = LIMITS[name]
+    number = _as_float(name, value, "a whole number" if kind is int else "a number")
+    if not low <= number <= high:  # also infinities
+        raise InvalidInputError(f"{name} must be between {low} and {high}; got {_shown(value)}.")
+    if kind is int:
+        if number != int(number):
+            raise InvalidInputError(f"{name} must be a whole number, not {_shown(value)}.")
+        number = int(number)
+    return number
+
+
+def _as_float(name: str, value, what: str) -> float:
+    """A number or numeric string as a float (NaN refused, huge ints as infinities)."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
-        raise InvalidInputError(f"{name} must be a number, not {type(value).__name__}.")
+        raise InvalidInputError(f"{name} must be {what}, not {type(value).__name__}.")
     try:
         number = float(value)
     except ValueError:
-        raise InvalidInputError(f"{name} must be a number, not {value!r}.") from None
-    if not math.isfinite(number):
-        raise InvalidInputError(f"{name} must be a finite number, not {value!r}.")
-    if kind is int:
-        if number != int(number):
-            raise InvalidInputError(f"{name} must be a whole number, not {value!r}.")
-        number = int(number)
-    if not low <= number <= high:
-        raise InvalidInputError(f"{name} must be between {low} and {high}; got {value!r}.")
+        raise InvalidInputError(f"{name} must be {what}, not {_shown(value)}.") from None
+    except OverflowError:  # an int beyond any float (JSON allows 10**400): outside every range
+        number = math.inf if value > 0 else -math.inf
+    if math.isnan(number):
+        raise InvalidInputError(f"{name} must be a finite number, not {_shown(value)}.")
     return number
+
+
+def _shown(value) -> str:
+    """The value as quoted in a message, cut short: a 5,000-digit "number" need not come back whole."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def clean_prompt(prompt) -> str:
@@ -83,14 +97,9 @@ def clean_prompts(prompt) -> tuple[list[str], bool]:
 
 def check_count(name: str, value, low: int, high: int) -> int:
     """A whole number in [low, high] whose range depends on the model (e.g. keep_rows)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
-        raise InvalidInputError(f"{name} must be a whole number, not {type(value).__name__}.")
-    try:
-        number = float(value)
-    except ValueError:
-        raise InvalidInputError(f"{name} must be a whole number, not {value!r}.") from None
-    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
-        raise InvalidInputError(f"{name} must be a whole number between {low} and {high}; got {value!r}.")
+    number = _as_float(name, value, "a whole number")
+    if not low <= number <= high or number != int(number):
+        raise InvalidInputError(f"{name} must be a whole number between {low} and {high}; got {_shown(value)}.")
     return int(number)
 
 

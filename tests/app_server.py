@@ -57,9 +57,10 @@ def free_port() -> int:
 
 
 class AppServer:
-    """`python app.py --model FOLDER --port PORT` on 127.0.0.1 with its output in a log file."""
+    """`python app.py --model FOLDER --port PORT` on 127.0.0.1 with its output in a log file; model
+    None leaves out --model, so the app serves its default (the embedded model)."""
 
-    def __init__(self, model: Path, workdir: Path, *extra_args: str, env: dict | None = None):
+    def __init__(self, model: Path | None, workdir: Path, *extra_args: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"app-{self.port}.log"
@@ -67,8 +68,8 @@ class AppServer:
                    **(env or {}))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(REPO / "app.py"), "--model", str(model), "--host", "127.0.0.1",
-                 "--port", str(self.port), *extra_args],
+                [sys.executable, str(REPO / "app.py"), *([] if model is None else ["--model", str(model)]),
+                 "--host", "127.0.0.1", "--port", str(self.port), *extra_args],
                 cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> "AppServer":

@@ -13,22 +13,33 @@ from model.validation import LIMITS, MAX_PROMPT_CHARS, check_number, clean_promp
 @pytest.mark.parametrize("name, value, message", [
     ("num_images", 0, "between 1 and 16"),
     ("num_images", 2.5, "whole number"),
-    ("num_images", "many", "must be a number"),
-    ("num_images", True, "must be a number"),
+    ("num_images", "many", "must be a whole number, not .many."),
+    ("num_images", True, "must be a whole number, not bool"),
     ("temperature", 0, "between 0.01 and 10.0"),
     ("temperature", float("nan"), "finite"),
     ("top_k", -1, "between 0"),
     ("top_p", 0, "between 0.01 and 1.0"),
     ("top_p", 1.5, "between 0.01 and 1.0"),
-    ("condition_scale", float("inf"), "finite"),
+    ("condition_scale", float("inf"), "between 0.0 and 50.0"),
+    ("temperature", float("nan"), "finite"),
+    ("num_images", 10**400, "between 1 and 16"),  # beyond any float
+    ("seed", -(10**400), "between 0"),
+    ("num_images", 1.5, "whole number"),
     ("seed", -3, "between 0"),
     ("seed", 2**40, "between 0"),
-    ("candidates", None, "must be a number, not NoneType"),
+    ("candidates", None, "must be a whole number, not NoneType"),
+    ("temperature", [1.0], "must be a number, not list"),
 ])
 def test_bad_numbers_are_refused_by_name(name, value, message):
     with pytest.raises(InvalidInputError, match=message) as error:
         check_number(name, value)
     assert name in str(error.value)
+
+
+def test_a_huge_bad_value_is_not_echoed_whole():
+    with pytest.raises(InvalidInputError, match="top_k must be") as error:
+        check_number("top_k", "9" * 5000 + "x")
+    assert len(str(error.value)) < 120
 
 
 def test_good_numbers_come_back_typed():
