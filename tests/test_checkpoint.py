@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization, traverse_util
@@ -152,3 +153,28 @@ def test_unreachable_hub_says_how_to_use_a_local_folder(monkeypatch):
 def test_not_a_folder_nor_a_repo(tmp_path):
     with pytest.raises(CheckpointError, match="No model folder"):
         checkpoint.load_clip(tmp_path / "nowhere" / "at" / "all")
+
+
+def test_streamed_msgpack_reader_matches_flax(tmp_path):
+    """read_msgpack parses flax's format itself (to stream it); it must agree with flax's own reader."""
+    rng = np.random.default_rng(0)
+    tree = {
+        "f32": rng.normal(size=(3, 5)).astype(np.float32),
+        "nested": {"bf16": rng.normal(size=(4,)).astype(jnp.bfloat16), "i32": np.arange(70000, dtype=np.int32),
+                   "bool": np.array([True, False]), "scalar": np.float32(2.5), "empty": np.zeros((0, 3), np.float16)},
+        "long key " * 40: {"u8": np.arange(300, dtype=np.uint8).reshape(3, 100)},
+        "complex": np.array([1 + 2j], np.complex64),
+        "number": 3, "text": "a string", "none": None,
+    }
+    file = tmp_path / "tree.msgpack"
+    file.write_bytes(serialization.msgpack_serialize(tree))
+    ours, theirs = checkpoint.read_msgpack(file), serialization.msgpack_restore(file.read_bytes())
+    flat_ours, flat_theirs = (traverse_util.flatten_dict(t, keep_empty_nodes=True) for t in (ours, theirs))
+    assert flat_ours.keys() == flat_theirs.keys()
+    for key, value in flat_theirs.items():
+        assert type(flat_ours[key]) is type(value), key
+        if isinstance(value, np.ndarray):
+            assert flat_ours[key].dtype == value.dtype and flat_ours[key].shape == value.shape, key
+            np.testing.assert_array_equal(flat_ours[key], value)
+        else:
+            assert flat_ours[key] == value, key
