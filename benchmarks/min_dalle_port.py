@@ -101,7 +101,8 @@ def detokenizer_state_dict(vqgan_params: dict) -> dict[str, np.ndarray]:
 def _load(module, state: dict):
     import torch
 
-    module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    # A copy: the arrays may be read-only views of a loaded file, which torch refuses to wrap.
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
     return module.eval()
 
 
