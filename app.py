@@ -67,17 +67,11 @@ CSS = """
 # Inputs
 
 
-def validate_prompt(prompt) -> str:
-    """The cleaned prompt (model.validation), or a gr.Error saying what is wrong with it."""
-    with user_errors():
-        return clean_prompt(prompt)
-
-
 def validate_knobs(**knobs) -> dict:
-    """The sampling knobs as ints/floats (None = the model's default), or a gr.Error naming the one
-    out of range. The ranges are model.validation.LIMITS, shared with the Python API and the CLI."""
-    with user_errors():
-        return {name: None if value is None else check_number(name, value) for name, value in knobs.items()}
+    """The sampling knobs as ints/floats (None = the model's default); InvalidInputError naming the one
+    out of range (a gr.Error once it leaves a `handler`). The ranges are model.validation.LIMITS,
+    shared with the Python API and the CLI."""
+    return {name: None if value is None else check_number(name, value) for name, value in knobs.items()}
 
 
 @contextlib.contextmanager
@@ -191,7 +185,7 @@ class Space:
         {model, prompt, seed, scores, parameters, files}. Empty knobs take the model's defaults; an
         empty seed draws a random one, reported in the record."""
         model = model or self.models.primary
-        prompt = validate_prompt(prompt)
+        prompt = clean_prompt(prompt)
         knobs = validate_knobs(num_images=num_images, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
                                condition_scale=condition_scale, candidates=candidates)
         pipe = self.models.get(model)
@@ -212,7 +206,7 @@ class Space:
             raise gr.Error("prompt must be a non-empty list of prompts for /generate_batch.")
         if len(prompt) > self.max_batch_prompts:
             raise gr.Error(f"at most {self.max_batch_prompts} prompts per batch, got {len(prompt)}.")
-        prompts = [validate_prompt(text) for text in prompt]
+        prompts = [clean_prompt(text) for text in prompt]
         knobs = validate_knobs(num_images=num_images, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
                                condition_scale=condition_scale, candidates=candidates)
         pipe = self.models.get(model)
@@ -235,7 +229,7 @@ class Space:
     def run(self, prompt, model, num_images, candidates, seed, randomize, temperature, top_k, top_p,
             condition_scale, progress=gr.Progress()):
         """The Run button: previews while sampling, then the images with CLIP scores as captions."""
-        prompt = validate_prompt(prompt)
+        prompt = clean_prompt(prompt)
         knobs = validate_knobs(num_images=num_images, seed=None if randomize else seed, temperature=temperature,
                                top_k=top_k, top_p=top_p, condition_scale=condition_scale, candidates=candidates)
         pipe = self.models.get(model)

@@ -21,7 +21,7 @@ TINY_INFO = {
 STARTUP_TIMEOUT_S = 240
 
 
-def _env(**extra) -> dict:
+def server_env(**extra) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=str(REPO))
@@ -45,7 +45,7 @@ def tiny_app_model(base: Path) -> Path:
     )
     partial = base / "tiny-app-model.partial"
     subprocess.run([sys.executable, "-c", code, str(partial), json.dumps(defaults), json.dumps(TINY_INFO)],
-                   env=_env(), cwd=REPO, check=True, timeout=STARTUP_TIMEOUT_S)
+                   env=server_env(), cwd=REPO, check=True, timeout=STARTUP_TIMEOUT_S)
     partial.rename(folder)
     return folder
 
@@ -64,7 +64,7 @@ class AppServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"app-{self.port}.log"
-        env = _env(GRADIO_TEMP_DIR=str(workdir / "gradio"), GRADIO_EXAMPLES_CACHE=str(workdir / "examples"),
+        env = server_env(GRADIO_TEMP_DIR=str(workdir / "gradio"), GRADIO_EXAMPLES_CACHE=str(workdir / "examples"),
                    **(env or {}))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -84,6 +84,17 @@ class AppServer:
             except OSError:
                 time.sleep(0.5)
         raise TimeoutError(f"app.py was not ready after {timeout} s:\n{self.log()}")
+
+    def __enter__(self) -> "AppServer":
+        """Ready to serve (stopped again if it never gets there); stopped on leaving the block."""
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
     def alive(self) -> bool:
         return self.process.poll() is None

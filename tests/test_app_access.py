@@ -22,13 +22,11 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
-    app = AppServer(model, tmp_path_factory.mktemp("app-access"))
+    workdir = tmp_path_factory.mktemp("app-access")
     # A private file in the server's working directory: Gradio must not serve its cwd.
-    (app.log_path.parent / "secret.txt").write_text("do not serve me")
-    try:
-        yield app.wait_ready()
-    finally:
-        app.stop()
+    (workdir / "secret.txt").write_text("do not serve me")
+    with AppServer(model, workdir) as app:
+        yield app
 
 
 def _get(url: str) -> tuple[int, bytes]:

@@ -16,11 +16,8 @@ gradio_client = pytest.importorskip("gradio_client")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = tiny_app_model(tmp_path_factory.getbasetemp())
-    app = AppServer(model, tmp_path_factory.mktemp("app-api"))
-    try:
-        yield app.wait_ready()
-    finally:
-        app.stop()
+    with AppServer(model, tmp_path_factory.mktemp("app-api")) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,8 @@ def _ensure_chromium() -> None:
 def server(tmp_path_factory):
     model = tiny_app_model(tmp_path_factory.getbasetemp())
     # As on a Space, so the page shows its Duplicate button.
-    app = AppServer(model, tmp_path_factory.mktemp("app-browser"), env={"SPACE_ID": "someone/dalle-flax"})
-    try:
-        yield app.wait_ready()
-    finally:
-        app.stop()
+    with AppServer(model, tmp_path_factory.mktemp("app-browser"), env={"SPACE_ID": "someone/dalle-flax"}) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from PIL import Image
 import app
 from model import sampling
 from model.pipeline import load_pipeline
-from tests.app_server import REPO, AppServer, _env, free_port, tiny_app_model
+from tests.app_server import REPO, AppServer, free_port, server_env, tiny_app_model
 
 gradio_client = pytest.importorskip("gradio_client")
 
@@ -42,7 +42,7 @@ def test_corrupt_weights_are_one_startup_error_naming_the_file(model, tmp_path, 
     weights = broken / stage / file
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     done = subprocess.run([sys.executable, str(REPO / "app.py"), "--model", str(broken), "--port", str(free_port())],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env())
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=server_env())
     assert done.returncode != 0
     assert str(weights) in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and done.stderr.count("\n") <= 3, done.stderr
@@ -51,14 +51,11 @@ def test_corrupt_weights_are_one_startup_error_naming_the_file(model, tmp_path, 
 def test_the_app_starts_and_serves_with_no_network(model, tmp_path):
     # Every outside address is a closed local port; the hub is not told to stay offline.
     dead = "http://127.0.0.1:9"
-    server = AppServer(model, tmp_path, env={"HF_HUB_OFFLINE": "0", "HTTP_PROXY": dead, "HTTPS_PROXY": dead,
-                                            "ALL_PROXY": dead, "NO_PROXY": "127.0.0.1,localhost"})
-    try:
-        client = gradio_client.Client(server.wait_ready().url, verbose=False, download_files=str(tmp_path / "d"))
+    with AppServer(model, tmp_path, env={"HF_HUB_OFFLINE": "0", "HTTP_PROXY": dead, "HTTPS_PROXY": dead,
+                                         "ALL_PROXY": dead, "NO_PROXY": "127.0.0.1,localhost"}) as server:
+        client = gradio_client.Client(server.url, verbose=False, download_files=str(tmp_path / "d"))
         files, record = client.predict(prompt="a small red apple", num_images=1, seed=0, api_name="/generate")
         assert len(files) == 1 and record["seed"] == 0
-    finally:
-        server.stop()
 
 
 # -------------------------------------------------------------------------------------------------

@@ -60,12 +60,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, request):
+def server(tmp_path_factory):
     # A queue far longer than the THREADS calls in flight: a full queue would be a refusal, not a finding.
-    app = AppServer(tiny_app_model(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp("app-fuzz"),
-                    "--queue-size", "256")
-    request.addfinalizer(app.stop)
-    return app.wait_ready()
+    with AppServer(tiny_app_model(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp("app-fuzz"),
+                   "--queue-size", "256") as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
