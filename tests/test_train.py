@@ -92,6 +92,35 @@ def test_bart_loss_falls_and_logs_validation(bart_run):
     assert evals and np.isfinite(evals[-1]["eval_valid_loss"])
 
 
+def test_warm_start_carries_the_trained_model_over_to_a_finer_code_grid(tmp_path, bart_run, code_data):
+    """A VQGAN with half the downsampling: 8x8 -> 16x16 codes from a new, larger codebook."""
+    from model.checkpoint import load_dalle_bart
+
+    captions, codes = read_dataset(code_data / "train.jsonl")
+    side = 8
+    finer = codes.reshape(-1, side, 1, side, 1).repeat(2, axis=2).repeat(2, axis=4).reshape(len(codes), -1) * 2
+    write_dataset(tmp_path / "data" / "train.jsonl", captions, finer)
+    out = tmp_path / "run"
+    task = bart_stage.make_task(tmp_path / "data", out, 8, image_vocab_size=32, init_from=bart_run / "model")
+    params, _ = task.init(jax.random.PRNGKey(1))
+    _, trained = load_dalle_bart(bart_run / "model")
+
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (bart_run / "model" / "tokenizer.json").read_bytes()
+    for a, b in zip(jax.tree_util.tree_leaves(params["model"]["encoder"]), jax.tree_util.tree_leaves(trained["model"]["encoder"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree_util.tree_leaves(params["model"]["decoder"]["layers"]),
+                    jax.tree_util.tree_leaves(trained["model"]["decoder"]["layers"])):
+        np.testing.assert_array_equal(a, b)
+    old = np.asarray(trained["model"]["decoder"]["embed_positions"]["embedding"]).reshape(side, side, -1)
+    new = np.asarray(params["model"]["decoder"]["embed_positions"]["embedding"]).reshape(2 * side, 2 * side, -1)
+    np.testing.assert_array_equal(new, old.repeat(2, axis=0).repeat(2, axis=1))
+    assert params["lm_head"]["kernel"].shape == (TINY_BART["d_model"], 33) != trained["lm_head"]["kernel"].shape
+    assert params["model"]["decoder"]["embed_tokens"]["embedding"].shape[0] == 33
+
+    train(task, _loop(15), out, quiet=True)
+    _assert_falls(_losses(out))
+
+
 def test_clip_loss_falls_and_tokenizer_pools_at_the_end_token(clip_run):
     from transformers import AutoTokenizer
 

@@ -20,6 +20,7 @@ width 512, 64 image tokens of a 512-code VQGAN. AdamW 1e-3, batch 64, warmup 100
 
 import argparse
 import functools
+import math
 import shutil
 from pathlib import Path
 
@@ -29,13 +30,14 @@ import numpy as np
 import optax
 
 from model.bart import DalleBart, DalleBartConfig
-from model.checkpoint import save_dalle_bart
+from model.checkpoint import load_dalle_bart, save_dalle_bart
 from model.data.dataset import read_dataset
 from model.text import TextNormalizer, load_bart_tokenizer, tokenize_prompts, train_bart_tokenizer
 from model.train.loop import LoopConfig, Task, add_loop_arguments, loop_config, train
 
 BLANK_CAPTION_PROBABILITY = 0.1
 TOKENIZER_CAPTIONS = 20000  # captions the BPE is trained on (the scene vocabulary is small)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
 def model_config(encoder_vocab_size: int, image_vocab_size: int, image_length: int, max_text_length: int,
@@ -93,15 +95,61 @@ def bart_loss(module: DalleBart, params, model_state, batch, key):
     return loss, ({"accuracy": accuracy}, model_state)
 
 
-def make_task(data, out: Path, batch_size: int, seed: int = 0, vocab_size: int = 1024, **sizes) -> Task:
-    """The DalleBart stage over the dataset at `data`; the tokenizer is kept in out/tokenizer."""
+_ARCHITECTURE = ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+                 "encoder_ffn_dim", "decoder_ffn_dim", "max_text_length")
+
+
+def warm_start(fresh: dict, trained: dict) -> tuple[dict, list[str]]:
+    """`fresh` parameters with every `trained` parameter of the same name and shape copied in.
+
+    The decoder's position embeddings are resampled when both lengths are square grids of codes
+    (8x8 -> 16x16 for a VQGAN with half the downsampling): each new cell starts as the old cell that
+    covers it, so where things go, which the trained model learned from the captions, carries over.
+    Returns (params, names of the parameters left at their fresh initialisation), e.g. the code
+    embeddings and lm_head of a new codebook.
+    """
+    trained_leaves = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(trained)}
+    kept_fresh = []
+
+    def pick(path, leaf):
+        name = jax.tree_util.keystr(path)
+        old = trained_leaves.get(name)
+        if old is not None and old.shape == leaf.shape:
+            return jnp.asarray(old, leaf.dtype)
+        if old is not None and "decoder']['embed_positions" in name:
+            old_side, new_side = math.isqrt(old.shape[0]), math.isqrt(leaf.shape[0])
+            if old_side**2 == old.shape[0] and new_side**2 == leaf.shape[0] and old.shape[1:] == leaf.shape[1:]:
+                parent = np.arange(new_side) * old_side // new_side
+                index = (parent[:, None] * old_side + parent[None, :]).reshape(-1)
+                return jnp.asarray(old, leaf.dtype)[index]
+        kept_fresh.append(name)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(pick, fresh), kept_fresh
+
+
+def make_task(data, out: Path, batch_size: int, seed: int = 0, vocab_size: int = 1024, init_from=None,
+              **sizes) -> Task:
+    """The DalleBart stage over the dataset at `data`; the tokenizer is kept in out/tokenizer.
+
+    init_from: a trained DalleBart folder to start from (see warm_start); its tokenizer and
+    architecture are reused, the codebook size and number of codes come from the data.
+    """
     out = Path(out)
     train_files, valid_files = split_files(data)
     captions, codes = _read(train_files)
+    if init_from is not None:
+        trained_module, trained_params = load_dalle_bart(init_from)
+        sizes = {**sizes, **{name: getattr(trained_module.config, name) for name in _ARCHITECTURE}}
+        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (Path(init_from) / name).is_file() and not (out / "tokenizer" / name).is_file():
+                shutil.copy2(Path(init_from) / name, out / "tokenizer" / name)
     tokenizer = build_tokenizer(captions, out / "tokenizer", vocab_size)
     # The VQGAN's codebook size; when not given, the smallest power of two above the codes seen.
     image_vocab = int(sizes.pop("image_vocab_size", 0)) or 1 << int(codes.max()).bit_length()
-    config = model_config(len(tokenizer), image_vocab, codes.shape[1], text_length(tokenizer, captions), **sizes)
+    text_positions = sizes.pop("max_text_length", None) or text_length(tokenizer, captions)
+    config = model_config(len(tokenizer), image_vocab, codes.shape[1], text_positions, **sizes)
     module = DalleBart(config)
     normalize = TextNormalizer()
     ids, mask = tokenize_prompts(tokenizer, captions, config.max_text_length, normalize)
@@ -110,7 +158,11 @@ def make_task(data, out: Path, batch_size: int, seed: int = 0, vocab_size: int =
     def init(key):
         text = jnp.zeros((1, config.max_text_length), jnp.int32)
         image = jnp.zeros((1, config.image_length), jnp.int32)
-        return module.init(key, text, text, image)["params"], {}
+        params = module.init(key, text, text, image)["params"]
+        if init_from is not None:
+            params, kept_fresh = warm_start(params, trained_params)
+            print(f"warm start from {init_from}; freshly initialised: {', '.join(kept_fresh) or 'nothing'}")
+        return params, {}
 
     def batch(step):
         rng = np.random.default_rng([seed, step])
@@ -153,13 +205,16 @@ def main(argv=None):
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--image-vocab-size", type=int, default=0,
                         help="the VQGAN's codebook size (default: inferred from the codes)")
+    parser.add_argument("--init-from", default=None,
+                        help="a trained DalleBart folder to start from (its tokenizer and architecture; "
+                             "e.g. checkpoints/emoji/bart when the VQGAN changed)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if not args.resume and out.exists():
         shutil.rmtree(out / "tokenizer", ignore_errors=True)
     loop = loop_config(args, DEFAULT_LOOP)
     task = make_task(args.data, out, args.batch_size, args.seed, d_model=args.d_model,
-                     image_vocab_size=args.image_vocab_size)
+                     image_vocab_size=args.image_vocab_size, init_from=args.init_from)
     train(task, loop, out, resume=args.resume)
 
 
