@@ -29,7 +29,8 @@ def test_kept_rows_match_the_reconstruction(pipe, upload):
     codes = pipe.encode_image(upload)
     reconstruction = np.asarray(pipe.decode_codes(codes)[0])
     result = pipe.vary(upload, keep_rows=4, seed=0)
-    assert (result.codes[:, :32] == codes[:32]).all()
+    kept_codes = 4 * pipe.vqgan_config.resolution // pipe.vqgan_config.downsample_factor  # 4 rows of codes
+    assert (result.codes[:, :kept_codes] == codes[:kept_codes]).all()
     cut = 4 * pipe.vqgan_config.downsample_factor
     kept = [psnr(np.asarray(image)[:cut], reconstruction[:cut]) for image in result.images]
     rest = [psnr(np.asarray(image)[cut:], reconstruction[cut:]) for image in result.images]
@@ -43,8 +44,11 @@ def _lower_colours(result):
 
 
 def test_a_prompt_recolours_the_completed_rows(pipe, upload):
-    red = _lower_colours(pipe.vary(upload, prompt="a large fox in the center on a red background", keep_rows=2, seed=0))
-    white = _lower_colours(pipe.vary(upload, prompt="a large fox in the center on a white background", keep_rows=2,
-                                     seed=0))
+    # At the model's default condition_scale (2, best for plain generation) the 16x16-code model mostly
+    # continues the kept rows' colour; from 4 on the prompt wins (measured: 9 of 9 at 4 and at 8).
+    rows = pipe.vqgan_config.resolution // pipe.vqgan_config.downsample_factor
+    kwargs = dict(keep_rows=rows // 4, seed=0, condition_scale=4.0)
+    red = _lower_colours(pipe.vary(upload, prompt="a large fox in the center on a red background", **kwargs))
+    white = _lower_colours(pipe.vary(upload, prompt="a large fox in the center on a white background", **kwargs))
     assert red.count("red") >= 5 and white.count("red") <= 1
     assert white.count("white") > red.count("white")

@@ -2,8 +2,8 @@
 
     python -m model.train.all                       # runs/{vqgan,codes,bart,clip} -> checkpoints/emoji
     python -m model.train.all --assemble-only       # rebuild checkpoints/emoji from the runs as they are
-    python -m model.train.all --runs runs4 --factor 4 --n-embed 1024 --bart-init checkpoints/emoji/bart
-                                                    # 16x16 codes (sharper), warm-started DalleBart
+    python -m model.train.all --runs runs8 --factor 8 --n-embed 512    # 8x8 codes: faster, blurrier
+    python -m model.train.all --runs runs2 --bart-init checkpoints/emoji/bart   # DalleBart warm-started
 
 Stages: VQGAN on scenes -> encode scenes to codes with it -> DalleBart on the codes -> CLIP on
 scenes. Each stage resumes from its latest checkpoint, so rerunning the command after an
@@ -44,9 +44,10 @@ DESCRIPTION = ("A small DALL-E mini trained from scratch on this machine's CPU o
                "and things, on plain coloured backgrounds, with their sizes, positions and relations.")
 LIMITATIONS = ("Only understands captions like the training templates: 'a small red apple in the top left on a "
                "blue background', 'a fox to the left of a butterfly on a purple background', 'three snails on "
-               "a yellow background'. Images are 64x64 from an 8x8 grid of codes. Trained for about two "
-               "hours of CPU in all, it gets background colours, relations, counts and rough positions and "
-               "object colours right, but objects are blurry blobs, not recognisable emoji. It knows nothing outside its emoji vocabulary and 12 background colours.")
+               "a yellow background'. Images are 64x64 from a 16x16 grid of codes. Trained for about three "
+               "hours of CPU in all, it gets background colours, relations, counts and positions mostly right "
+               "and draws objects in roughly the right colours and shapes, but few are recognisable as the "
+               "exact emoji. It knows nothing outside its emoji vocabulary and 12 background colours.")
 CREDIT = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0"
 EXAMPLES = ("a large fox in the center on a blue background",
             "a cat to the left of a dog on a yellow background",
@@ -100,10 +101,10 @@ def main(argv=None):
     parser.add_argument("--scenes", type=int, default=40000, help="scenes encoded for DalleBart")
     parser.add_argument("--reencode", action="store_true", help="rebuild the code dataset")
     parser.add_argument("--fresh-bart", action="store_true", help="discard the DalleBart run and start over")
-    parser.add_argument("--factor", type=int, choices=(4, 8), default=8,
+    parser.add_argument("--factor", type=int, choices=(4, 8), default=4,
                         help="VQGAN downsampling: 8 = 8x8 codes per image, 4 = 16x16 (DALL-E mini's 256 codes; "
                              "sharper, ~3x the VQGAN's and ~10x DalleBart's training time per example on a CPU)")
-    parser.add_argument("--n-embed", type=int, default=512, help="VQGAN codebook size")
+    parser.add_argument("--n-embed", type=int, default=1024, help="VQGAN codebook size")
     parser.add_argument("--bart-init", default=None,
                         help="start DalleBart from a trained one (see model.train.bart --init-from), e.g. "
                              "checkpoints/emoji/bart after changing the VQGAN")
