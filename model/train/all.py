@@ -75,13 +75,11 @@ def _word_frequencies(count: int = 20000) -> str:
 def assemble(vqgan_folder, bart_folder, clip_folder, out, examples=EXAMPLES) -> Path:
     """Copies the three stages' model folders into `out` (bart/, vqgan/, clip/) with pipeline.json."""
     out = Path(out)
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                       "merges.txt")
     _copy(Path(vqgan_folder), out / "vqgan", ("config.json", "flax_model.msgpack"))
-    _copy(Path(bart_folder), out / "bart", ("config.json", "flax_model.msgpack") + tokenizer_files)
+    _copy(Path(bart_folder), out / "bart", ("config.json", "flax_model.msgpack") + bart_stage.TOKENIZER_FILES)
     (out / "bart" / "enwiki-words-frequency.txt").write_text(_word_frequencies())
     _copy(Path(clip_folder), out / "clip", ("config.json", "model.safetensors", "preprocessor_config.json")
-          + tokenizer_files)
+          + bart_stage.TOKENIZER_FILES)
     info = {"name": "emoji", "description": DESCRIPTION, "defaults": DEFAULTS, "examples": list(examples),
             "limitations": LIMITATIONS, "credit": CREDIT}
     (out / "pipeline.json").write_text(json.dumps(info, indent=2) + "\n")
