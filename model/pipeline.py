@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from model import bart as bart_lib
-from model import sampling, sharding
+from model import sampling, sharding, xla_options
 from model.checkpoint import load_clip, load_dalle_bart, load_vqgan, resolve_folder
 from model.errors import CheckpointError, InvalidInputError
 from model.text import (
@@ -167,12 +167,13 @@ class Pipeline:
         cfg = self.bart_config
         # Built once: the sampler takes step_fn as a static argument and keys its compile cache on it.
         self._step_fn = functools.partial(bart_lib.decode_step, config=cfg)
-        self._encode = jax.jit(functools.partial(bart_lib.encode, config=cfg))
-        self._init_cache = jax.jit(self._rows_cache)
-        self._decode_images = jax.jit(functools.partial(_decode_images, vqgan))
-        self._clip_scores = jax.jit(functools.partial(_clip_scores, clip))
-        self._clip_image_features = jax.jit(lambda p, x: clip.apply({"params": p}, x, method="get_image_features"))
-        self._encode_image = jax.jit(lambda p, x: vqgan.apply({"params": p}, x, method="encode")[1])
+        jit = functools.partial(jax.jit, compiler_options=xla_options.compiler_options())
+        self._encode = jit(functools.partial(bart_lib.encode, config=cfg))
+        self._init_cache = jit(self._rows_cache)
+        self._decode_images = jit(functools.partial(_decode_images, vqgan))
+        self._clip_scores = jit(functools.partial(_clip_scores, clip))
+        self._clip_image_features = jit(lambda p, x: clip.apply({"params": p}, x, method="get_image_features"))
+        self._encode_image = jit(lambda p, x: vqgan.apply({"params": p}, x, method="encode")[1])
 
     # -------------------------------------------------------------------------------------------
     # Public API

@@ -34,7 +34,7 @@ from flax import serialization, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from model import sharding
+from model import sharding, xla_options
 from model.errors import CheckpointError
 
 KEEP_CHECKPOINTS = 2
@@ -249,13 +249,13 @@ def train(task: Task, cfg: LoopConfig, out, resume: bool = True, mesh=None, quie
 
     step_fn = make_train_step(task, optimizer)
     if mesh is None:
-        jit_step = jax.jit(step_fn, donate_argnums=0)
+        jit_step = jax.jit(step_fn, donate_argnums=0, compiler_options=xla_options.compiler_options())
         place_batch = lambda batch: batch  # noqa: E731
     else:
         replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(sharding.DATA))
         state = jax.device_put(state, replicated)
         jit_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(replicated, rows),
-                           out_shardings=(replicated, replicated))
+                           out_shardings=(replicated, replicated), compiler_options=xla_options.compiler_options())
         place_batch = lambda batch: jax.device_put(batch, rows)  # noqa: E731
 
     start = int(state.step)
