@@ -201,6 +201,20 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, straight_run):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+def test_an_interruption_while_evaluating_saves_the_finished_step(tmp_path):
+    """SIGTERM / Ctrl-C usually lands while the loop waits on a step's results (logging, evaluation):
+    that step is finished and must be saved, though its input state was donated."""
+    task = _unevaluated_task()
+
+    def evaluate(params, model_state):
+        raise KeyboardInterrupt
+
+    task.evaluate = evaluate
+    with pytest.raises(KeyboardInterrupt):
+        train(task, _loop(**{**_RESUME_LOOP, "eval_every": 2}), tmp_path, quiet=True)
+    assert [f.name for f in sorted((tmp_path / "checkpoints").glob("*.msgpack"))] == ["step_00000002.msgpack"]
+
+
 def _reconstruction(state) -> np.ndarray:
     """The trained VQGAN's output on a fixed batch: what data parallelism must not change."""
     from model.vqgan import VQGAN

@@ -268,8 +268,10 @@ def train(task: Task, cfg: LoopConfig, out, resume: bool = True, mesh=None, quie
         previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for step in range(start, cfg.steps):
-            state, metrics = _logged_step(task, cfg, out, jit_step, state, place_batch(task.batch(step)), step, bar,
-                                          window)
+            # The new state is bound before logging waits on it, so an interruption while logging or
+            # evaluating still saves this step (a donated input state is gone once the step runs).
+            state, metrics = jit_step(state, place_batch(task.batch(step)))
+            _log_step(task, cfg, out, state, metrics, step, bar, window)
             if time.time() - last_save >= cfg.checkpoint_every_s or step + 1 == cfg.steps:
                 _checkpoint(task, state, out)
                 last_save = time.time()
@@ -292,9 +294,8 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _logged_step(task, cfg, out, jit_step, state, batch, step, bar, window):
-    """One optimizer step plus its log record and evaluation when due."""
-    state, metrics = jit_step(state, batch)
+def _log_step(task, cfg, out, state, metrics, step, bar, window):
+    """The log record and evaluation of a finished optimizer step, when due."""
     window["examples"] += cfg.batch_size
     done = step + 1
     if done % cfg.log_every == 0 or done == cfg.steps:
@@ -310,7 +311,6 @@ def _logged_step(task, cfg, out, jit_step, state, batch, step, bar, window):
         _append_log(out, {"step": done, "eval": True, **{f"eval_{k}": float(v) for k, v in results.items()}})
         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     bar.update(1)
-    return state, metrics
 
 
 def _checkpoint(task: Task, state: TrainState, out: Path) -> None:
