@@ -50,6 +50,35 @@ def vqgan_run(tmp_path_factory):
     return out
 
 
+def test_decoder_finetuning_keeps_every_code(tmp_path, vqgan_run):
+    """--finetune-decoder: the decoder learns, encoder and codebook stay bit-identical, so the codes a
+    DalleBart was trained on do not change."""
+    from model.checkpoint import load_vqgan
+    from model.vqgan import VQGAN
+
+    out = tmp_path / "finetuned"
+    task = vqgan_stage.make_task(TINY_VQGAN, 8, eval_examples=8, finetune_from=vqgan_run / "model")
+    train(task, _loop(15, learning_rate=3e-3), out, quiet=True)
+    module, before = load_vqgan(vqgan_run / "model")
+    _, after = load_vqgan(out / "model")
+
+    def loss_on_seen_batches(params):
+        decoder = {name: params[name] for name in vqgan_stage.DECODER_PARTS}
+        frozen = {name: value for name, value in params.items() if name not in vqgan_stage.DECODER_PARTS}
+        return np.mean([vqgan_stage.decoder_loss(module, decoder, {"frozen": frozen}, task.batch(step), None)[0]
+                        for step in range(4)])
+
+    assert loss_on_seen_batches(after) < 0.98 * loss_on_seen_batches(before)
+    for part in ("encoder", "quant_conv", "quantize"):
+        for a, b in zip(jax.tree_util.tree_leaves(before[part]), jax.tree_util.tree_leaves(after[part])):
+            np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before["decoder"]),
+                                                        jax.tree_util.tree_leaves(after["decoder"])))
+    images = task.batch(0)["images"].astype(np.float32) / 255.0
+    codes = [module.apply({"params": p}, images, method=VQGAN.encode)[1] for p in (before, after)]
+    np.testing.assert_array_equal(*codes)
+
+
 @pytest.fixture(scope="module")
 def code_data(tmp_path_factory, vqgan_run):
     """A (caption, encoding) dataset written by the tiny VQGAN: the real encode -> write -> read path."""

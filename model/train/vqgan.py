@@ -2,6 +2,8 @@
 
     python -m model.train.vqgan --out runs/vqgan --steps 1500   # default config below, ~50 min on 2 CPU cores
     python -m model.train.vqgan --out runs/vqgan --steps 20000 --batch-size 128   # longer, on a GPU
+    python -m model.train.vqgan --out runs/vqgan-ft --finetune-decoder checkpoints/emoji/vqgan --steps 2000 \
+        --learning-rate 3e-4   # sharper pixels for the same codes: the trained DalleBart stays valid
 
 Default model (the shipped one): the taming VQGAN family at 64x64 pixels with f=4 (a 16x16 grid of
 256 codes, as many as DALL-E mini's), channels 64-32-64 (decoder levels), no ResnetBlocks in the
@@ -17,6 +19,11 @@ that go unused are restarted on random encoder outputs of the current batch, so 
 codebook stays in use. The codebook lives in the loop's model_state and joins the parameters
 only when exported (the saved folder is an ordinary VQGAN checkpoint).
 
+Decoder fine-tuning (`--finetune-decoder FOLDER`) starts from a trained VQGAN and trains only
+post_quant_conv and the decoder on the same losses; encoder and codebook are frozen (they live in
+model_state, out of the optimizer's reach), so every image keeps exactly the codes it had and a
+DalleBart trained on those codes needs no retraining.
+
 Speed: ~20 examples/s at batch 32 on 2 CPU cores shared with other work.
 """
 
@@ -27,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.checkpoint import save_vqgan
+from model.checkpoint import load_vqgan, save_vqgan
 from model.data import scenes
 from model.train.loop import LoopConfig, Task, add_loop_arguments, loop_config, train
 from model.vqgan import VQGAN, VQGANConfig
@@ -65,6 +72,14 @@ def _image_gradients(x):  # [b, H, W, c] -> ([b, H-1, W, c], [b, H, W-1, c])
     return x[:, 1:] - x[:, :-1], x[:, :, 1:] - x[:, :, :-1]
 
 
+def reconstruction_loss(recon, images):
+    """L1 + L2 + GRADIENT_L1 x L1 of the image gradients; returns (loss, l1, l2)."""
+    l1 = jnp.mean(jnp.abs(recon - images))
+    l2 = jnp.mean(jnp.square(recon - images))
+    grad_l1 = sum(jnp.mean(jnp.abs(a - b)) for a, b in zip(_image_gradients(recon), _image_gradients(images)))
+    return l1 + l2 + GRADIENT_L1 * grad_l1, l1, l2
+
+
 def vqgan_loss(module: VQGAN, params, model_state, batch, key):
     """Reconstruction + commitment loss; returns the EMA-updated codebook state in the aux output.
 
@@ -80,11 +95,9 @@ def vqgan_loss(module: VQGAN, params, model_state, batch, key):
     # Straight-through: the decoder sees the code vectors, the encoder gets the decoder's gradient.
     straight = z + jax.lax.stop_gradient(quantized - z)
     recon = module.apply({"params": full}, straight, method=VQGAN.decode)
-    l1 = jnp.mean(jnp.abs(recon - images))
-    l2 = jnp.mean(jnp.square(recon - images))
-    grad_l1 = sum(jnp.mean(jnp.abs(a - b)) for a, b in zip(_image_gradients(recon), _image_gradients(images)))
+    reconstruction, l1, l2 = reconstruction_loss(recon, images)
     commitment = jnp.mean(jnp.square(z - jax.lax.stop_gradient(quantized)))
-    loss = l1 + l2 + GRADIENT_L1 * grad_l1 + COMMITMENT * commitment
+    loss = reconstruction + COMMITMENT * commitment
 
     new_state = _ema_update(model_state, jax.lax.stop_gradient(flat), codes, key)
     usage = jnp.mean(model_state["usage"] > DEAD_CODE_USAGE)
@@ -110,8 +123,32 @@ def _ema_update(state, flat, codes, key):
     return {"codebook": codebook, "usage": usage, "sums": sums}
 
 
-def make_task(config: VQGANConfig, batch_size: int, seed: int = 0, eval_examples: int = 128) -> Task:
+DECODER_PARTS = ("post_quant_conv", "decoder")  # what --finetune-decoder trains
+
+
+def decoder_loss(module: VQGAN, params, model_state, batch, key):
+    """Reconstruction loss of the decoder alone; params hold DECODER_PARTS, model_state["frozen"] the rest."""
+    del key
+    images = batch["images"].astype(jnp.float32) / 255.0
+    full = {**model_state["frozen"], **params}
+    quantized, _ = module.apply({"params": full}, images, method=VQGAN.encode)
+    recon = module.apply({"params": full}, jax.lax.stop_gradient(quantized), method=VQGAN.decode)
+    loss, l1, l2 = reconstruction_loss(recon, images)
+    return loss, ({"l1": l1, "l2": l2, "psnr": psnr(recon, images)}, model_state)
+
+
+def make_task(config: VQGANConfig, batch_size: int, seed: int = 0, eval_examples: int = 128,
+              finetune_from=None) -> Task:
+    """The VQGAN stage; `finetune_from` (a VQGAN folder) trains only its decoder (see the docstring),
+    in which case `config` must be that folder's."""
     module = VQGAN(config)
+
+    def init_finetune(key):
+        del key
+        _, trained = load_vqgan(finetune_from)
+        trained = dict(trained)
+        params = {name: trained.pop(name) for name in DECODER_PARTS}
+        return params, {"frozen": trained}
 
     def init(key):
         example = jnp.zeros((1, config.resolution, config.resolution, 3), jnp.float32)
@@ -130,18 +167,25 @@ def make_task(config: VQGANConfig, batch_size: int, seed: int = 0, eval_examples
                 config.resolution)
         for i, split in enumerate(EVAL_SPLITS)])
 
+    def full_params(params, model_state):
+        if finetune_from is not None:
+            return {**model_state["frozen"], **params}
+        return _codebook_params(params, model_state["codebook"])
+
     @jax.jit
-    def reconstruct(params, codebook, images):
-        full = _codebook_params(params, codebook)
-        return module.apply({"params": full}, images.astype(jnp.float32) / 255.0)
+    def reconstruct(params, model_state, images):
+        return module.apply({"params": full_params(params, model_state)}, images.astype(jnp.float32) / 255.0)
 
     def evaluate(params, model_state):
-        recon = reconstruct(params, model_state["codebook"], eval_images)
+        recon = reconstruct(params, model_state, eval_images)
         return {"psnr": float(psnr(recon, eval_images.astype(np.float32) / 255.0))}
 
     def export(params, model_state, folder):
-        save_vqgan(folder, config, _codebook_params(params, model_state["codebook"]))
+        save_vqgan(folder, config, full_params(params, model_state))
 
+    if finetune_from is not None:
+        return Task(init=init_finetune, loss=functools.partial(decoder_loss, module), batch=batch, export=export,
+                    evaluate=evaluate)
     return Task(init=init, loss=functools.partial(vqgan_loss, module), batch=batch, export=export,
                 evaluate=evaluate)
 
@@ -165,9 +209,15 @@ def main(argv=None):
     add_loop_arguments(parser, DEFAULT_LOOP, out="runs/vqgan")
     parser.add_argument("--factor", type=int, choices=(4, 8), default=4, help="downsampling factor")
     parser.add_argument("--n-embed", type=int, default=1024, help="codebook size")
+    parser.add_argument("--finetune-decoder", metavar="FOLDER", default=None,
+                        help="train only the decoder of this trained VQGAN (codes stay the same)")
     args = parser.parse_args(argv)
     loop = loop_config(args, DEFAULT_LOOP)
-    task = make_task(model_config(args.factor, args.n_embed), args.batch_size, args.seed)
+    if args.finetune_decoder:
+        config = load_vqgan(args.finetune_decoder)[0].config
+    else:
+        config = model_config(args.factor, args.n_embed)
+    task = make_task(config, args.batch_size, args.seed, finetune_from=args.finetune_decoder)
     train(task, loop, args.out, resume=args.resume)
 
 
