@@ -150,6 +150,28 @@ def test_warm_start_carries_the_trained_model_over_to_a_finer_code_grid(tmp_path
     _assert_falls(_losses(out))
 
 
+def test_warm_start_keeps_evenly_spaced_decoder_layers(tmp_path, code_data):
+    """--decoder-layers with --init-from: a 3-layer decoder shrunk to 2 keeps its first and last layers."""
+    from model.checkpoint import load_dalle_bart
+
+    deep = bart_stage.make_task(code_data, tmp_path / "deep", 8, vocab_size=300, image_vocab_size=16,
+                                **{**TINY_BART, "decoder_layers": 3})
+    deep.export(deep.init(jax.random.PRNGKey(0))[0], {}, tmp_path / "deep" / "model")
+    _, trained = load_dalle_bart(tmp_path / "deep" / "model")
+
+    task = bart_stage.make_task(code_data, tmp_path / "shallow", 8, image_vocab_size=16,
+                                init_from=tmp_path / "deep" / "model", decoder_layers=2)
+    params, _ = task.init(jax.random.PRNGKey(1))
+    pairs = zip(jax.tree_util.tree_leaves(params["model"]["decoder"]["layers"]),
+                jax.tree_util.tree_leaves(trained["model"]["decoder"]["layers"]))
+    for shallow, deep_layers in pairs:
+        assert shallow.shape[0] == 2
+        np.testing.assert_array_equal(shallow, np.asarray(deep_layers)[[0, 2]])
+    np.testing.assert_array_equal(params["lm_head"]["kernel"], trained["lm_head"]["kernel"])
+    with pytest.raises(ValueError, match="cannot keep 4 of 3"):
+        bart_stage.keep_decoder_layers(trained, 4)
+
+
 def test_clip_loss_falls_and_tokenizer_pools_at_the_end_token(clip_run):
     from transformers import AutoTokenizer
 
