@@ -2,7 +2,7 @@
 the pipeline run here, a full queue that must turn requests away quickly, and the server's memory.
 
     python -m benchmarks.load_test                  # 32 clients x 16 requests on the embedded model (the
-                                                    # long run: ~12 min on two busy cores)
+                                                    # long run: ~20 min on two cores, checking included)
     python -m benchmarks.load_test --model FOLDER --clients 8 --requests 3
     python -m benchmarks.load_test --url http://127.0.0.1:7860 --pid 4242
                                                     # a server already running (the same model as --model,
