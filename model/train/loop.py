@@ -248,14 +248,15 @@ def train(task: Task, cfg: LoopConfig, out, resume: bool = True, mesh=None, quie
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     step_fn = make_train_step(task, optimizer)
+    options = xla_options.compiler_options()
     if mesh is None:
-        jit_step = jax.jit(step_fn, donate_argnums=0, compiler_options=xla_options.compiler_options())
+        jit_step = jax.jit(step_fn, donate_argnums=0, compiler_options=options)
         place_batch = lambda batch: batch  # noqa: E731
     else:
         replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(sharding.DATA))
         state = jax.device_put(state, replicated)
         jit_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(replicated, rows),
-                           out_shardings=(replicated, replicated), compiler_options=xla_options.compiler_options())
+                           out_shardings=(replicated, replicated), compiler_options=options)
         place_batch = lambda batch: jax.device_put(batch, rows)  # noqa: E731
 
     start = int(state.step)

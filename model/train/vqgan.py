@@ -62,6 +62,11 @@ def _codebook_params(params, codebook):
     return {**params, "quantize": {"embedding": {"embedding": codebook}}}
 
 
+def _finetune_params(params, model_state):
+    """The whole VQGAN tree of decoder fine-tuning: trained DECODER_PARTS plus the frozen rest."""
+    return {**model_state["frozen"], **params}
+
+
 def psnr(images, target):
     """Mean PSNR in dB of images vs target, both [b, H, W, 3] in [0, 1]."""
     mse = jnp.mean(jnp.square(jnp.clip(images, 0, 1) - target), axis=(1, 2, 3))
@@ -130,25 +135,29 @@ def decoder_loss(module: VQGAN, params, model_state, batch, key):
     """Reconstruction loss of the decoder alone; params hold DECODER_PARTS, model_state["frozen"] the rest."""
     del key
     images = batch["images"].astype(jnp.float32) / 255.0
-    full = {**model_state["frozen"], **params}
+    full = _finetune_params(params, model_state)
     quantized, _ = module.apply({"params": full}, images, method=VQGAN.encode)
     recon = module.apply({"params": full}, jax.lax.stop_gradient(quantized), method=VQGAN.decode)
     loss, l1, l2 = reconstruction_loss(recon, images)
     return loss, ({"l1": l1, "l2": l2, "psnr": psnr(recon, images)}, model_state)
 
 
-def make_task(config: VQGANConfig, batch_size: int, seed: int = 0, eval_examples: int = 128,
+def make_task(config: VQGANConfig | None, batch_size: int, seed: int = 0, eval_examples: int = 128,
               finetune_from=None) -> Task:
     """The VQGAN stage; `finetune_from` (a VQGAN folder) trains only its decoder (see the docstring),
-    in which case `config` must be that folder's."""
+    whose config it then uses (pass None, or the same config)."""
+    if finetune_from is not None:
+        trained_module, trained = load_vqgan(finetune_from)
+        if config not in (None, trained_module.config):
+            raise ValueError(f"{finetune_from} holds a VQGAN with another config than the one given")
+        config = trained_module.config
     module = VQGAN(config)
 
     def init_finetune(key):
         del key
-        _, trained = load_vqgan(finetune_from)
-        trained = dict(trained)
-        params = {name: trained.pop(name) for name in DECODER_PARTS}
-        return params, {"frozen": trained}
+        frozen = dict(trained)
+        params = {name: frozen.pop(name) for name in DECODER_PARTS}
+        return params, {"frozen": frozen}
 
     def init(key):
         example = jnp.zeros((1, config.resolution, config.resolution, 3), jnp.float32)
@@ -169,7 +178,7 @@ def make_task(config: VQGANConfig, batch_size: int, seed: int = 0, eval_examples
 
     def full_params(params, model_state):
         if finetune_from is not None:
-            return {**model_state["frozen"], **params}
+            return _finetune_params(params, model_state)
         return _codebook_params(params, model_state["codebook"])
 
     @jax.jit
@@ -213,10 +222,7 @@ def main(argv=None):
                         help="train only the decoder of this trained VQGAN (codes stay the same)")
     args = parser.parse_args(argv)
     loop = loop_config(args, DEFAULT_LOOP)
-    if args.finetune_decoder:
-        config = load_vqgan(args.finetune_decoder)[0].config
-    else:
-        config = model_config(args.factor, args.n_embed)
+    config = None if args.finetune_decoder else model_config(args.factor, args.n_embed)
     task = make_task(config, args.batch_size, args.seed, finetune_from=args.finetune_decoder)
     train(task, loop, args.out, resume=args.resume)
 
