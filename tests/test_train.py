@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -18,7 +19,8 @@ from model.train import clip as clip_stage
 from model.train import vqgan as vqgan_stage
 from model.train.all import assemble
 from model.train.codes import encode_scenes
-from model.train.loop import LoopConfig, init_state, make_optimizer, read_log, restore_checkpoint, save_checkpoint, train
+from model.train.loop import (LoopConfig, init_state, make_optimizer, read_log, restore_checkpoint, save_checkpoint,
+                              train, train_within)
 from model.vqgan import VQGANConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,6 +199,24 @@ def test_dataset_round_trip(tmp_path):
     assert line == {"caption": captions[0], "encoding": [1, 2, 3]}  # upstream's column names
 
 
+def test_parquet_dataset_round_trip(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    captions = ["a cat on a red background", "two dogs on a blue background", "a fox"]
+    codes = np.arange(12).reshape(3, 4) * 97
+    write_dataset(tmp_path / "ours.parquet", captions, codes)
+    got_captions, got_codes = read_dataset(tmp_path / "ours.parquet")
+    assert got_captions == captions and got_codes.dtype == np.int32
+    np.testing.assert_array_equal(got_codes, codes)
+    # An upstream-style file (list<int64> column from Python lists) reads the same way.
+    pq.write_table(pa.table({"caption": captions, "encoding": codes.tolist()}), tmp_path / "upstream.parquet")
+    np.testing.assert_array_equal(read_dataset(tmp_path / "upstream.parquet")[1], codes)
+    ragged = pa.table({"caption": captions, "encoding": [[1, 2], [3], [4, 5]]})
+    pq.write_table(ragged, tmp_path / "ragged.parquet")
+    with pytest.raises(ValueError, match="different lengths"):
+        read_dataset(tmp_path / "ragged.parquet")
+
+
 def test_checkpoint_round_trips(tmp_path):
     task = vqgan_stage.make_task(TINY_VQGAN, 4, eval_examples=4)
     cfg = _loop(3)
@@ -250,6 +270,23 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, straight_run):
     assert int(resumed.step) == 6
     for a, b in zip(jax.tree_util.tree_leaves(straight_run), jax.tree_util.tree_leaves(resumed)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_train_within_sizes_the_run_to_the_time_given(tmp_path):
+    """The probe's throughput sets the total steps; the run ends near the time given, its first steps
+    are the probe's (no step is thrown away), and a rerun resumes that total."""
+    task = vqgan_stage.make_task(TINY_VQGAN, 8, eval_examples=8)
+    cfg = _loop(10**6, warmup_steps=50, log_every=5)
+    began = time.time()
+    state = train_within(task, cfg, tmp_path, seconds=20, probe_steps=20, quiet=True)
+    took = time.time() - began
+    steps = json.loads((tmp_path / "config.json").read_text())["steps"]
+    assert int(state.step) == steps > 40  # the probe is not all it ran
+    assert 0.6 * 20 < took < 1.4 * 20, took
+    logged = [r["step"] for r in read_log(tmp_path) if "loss" in r]
+    assert logged[:4] == [5, 10, 15, 20] and logged[-1] == steps  # probe records, then the run's
+    again = train_within(task, cfg, tmp_path, seconds=20, probe_steps=20, quiet=True)
+    assert int(again.step) == steps
 
 
 def test_an_interruption_while_evaluating_saves_the_finished_step(tmp_path):

@@ -28,8 +28,11 @@ def write_dataset(path, captions: Sequence[str], encodings: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
         pa, pq = _pyarrow()
-        table = pa.table({CAPTION: list(captions), ENCODING: [row.tolist() for row in encodings]})
-        pq.write_table(table, path)
+        # A list<int> column built from one flat array and offsets: no Python int per code, which
+        # matters at hundreds of thousands of rows.
+        offsets = np.arange(len(encodings) + 1, dtype=np.int32) * encodings.shape[1]
+        column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(encodings.reshape(-1).astype(np.int32)))
+        pq.write_table(pa.table({CAPTION: pa.array(list(captions), pa.string()), ENCODING: column}), path)
     elif path.suffix == ".jsonl":
         with open(path, "w", encoding="utf-8") as f:
             for text, row in zip(captions, encodings):
@@ -45,25 +48,44 @@ def read_dataset(path) -> tuple[list[str], np.ndarray]:
     files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"{path} holds no .jsonl or .parquet files")
-    captions, rows = [], []
+    captions, parts = [], []
     for file in files:
         if file.suffix == ".parquet":
-            _, pq = _pyarrow()
-            table = pq.read_table(file, columns=[CAPTION, ENCODING]).to_pydict()
-            captions += table[CAPTION]
-            rows += table[ENCODING]
+            texts, rows = _read_parquet(file)
         elif file.suffix == ".jsonl":
+            texts, rows = [], []
             for line in file.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     record = json.loads(line)
-                    captions.append(record[CAPTION])
+                    texts.append(record[CAPTION])
                     rows.append(record[ENCODING])
+            rows = _rows_array(file, rows)
         else:
             raise ValueError(f"{file}: dataset files end in .jsonl or .parquet")
+        captions += texts
+        parts.append(rows)
+    if len({rows.shape[1] for rows in parts if len(rows)}) > 1:
+        raise ValueError(f"{path}: encodings have different lengths {sorted({r.shape[1] for r in parts})[:5]}")
+    return captions, np.concatenate(parts).astype(np.int32)
+
+
+def _rows_array(file, rows) -> np.ndarray:
     lengths = {len(row) for row in rows}
     if len(lengths) > 1:
-        raise ValueError(f"{path}: encodings have different lengths {sorted(lengths)[:5]}")
-    return captions, np.asarray(rows, dtype=np.int32).reshape(len(rows), -1)
+        raise ValueError(f"{file}: encodings have different lengths {sorted(lengths)[:5]}")
+    return np.asarray(rows, dtype=np.int32).reshape(len(rows), -1)
+
+
+def _read_parquet(file) -> tuple[list[str], np.ndarray]:
+    """Reads the encoding column as one flat array (list or fixed-size list of ints)."""
+    pa, pq = _pyarrow()
+    table = pq.read_table(file, columns=[CAPTION, ENCODING])
+    column = table.column(ENCODING).combine_chunks()
+    lengths = np.diff(np.asarray(column.offsets)) if hasattr(column, "offsets") else None
+    if lengths is not None and len(set(lengths.tolist())) > 1:
+        raise ValueError(f"{file}: encodings have different lengths {sorted(set(lengths.tolist()))[:5]}")
+    flat = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.int32)
+    return table.column(CAPTION).to_pylist(), flat.reshape(len(table), -1)
 
 
 def _pyarrow():

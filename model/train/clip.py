@@ -32,7 +32,7 @@ from model.checkpoint import save_clip
 from model.clip import CLIP, CLIPConfig
 from model.data import scenes
 from model.text import clip_preprocess, clip_tokenize
-from model.train.loop import LoopConfig, Task, add_loop_arguments, loop_config, train
+from model.train.loop import LoopConfig, Task, add_loop_arguments, loop_config, train_from_args
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.25, 0.25, 0.25)
@@ -173,7 +173,7 @@ def main(argv=None):
     add_loop_arguments(parser, DEFAULT_LOOP, out="runs/clip")
     args = parser.parse_args(argv)
     loop = loop_config(args, DEFAULT_LOOP)
-    train(make_task(args.out, args.batch_size, args.seed), loop, args.out, resume=args.resume)
+    train_from_args(make_task(args.out, args.batch_size, args.seed), loop, args)
 
 
 if __name__ == "__main__":

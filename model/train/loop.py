@@ -75,6 +75,7 @@ class Task:
     batch(step) -> dict of numpy arrays with a leading batch axis; must depend only on step
     evaluate(params, model_state) -> dict of floats (optional; logged with an "eval_" prefix)
     export(params, model_state, folder) -> writes the stage's model folder
+    close() -> stops what batch() started, e.g. worker processes (optional; called when `train` ends)
     """
 
     init: Callable
@@ -82,6 +83,7 @@ class Task:
     batch: Callable[[int], dict]
     export: Callable
     evaluate: Callable | None = None
+    close: Callable | None = None
 
 
 def make_optimizer(cfg: LoopConfig) -> optax.GradientTransformation:
@@ -217,6 +219,9 @@ def add_loop_arguments(parser, defaults: LoopConfig, out: str) -> None:
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue from the latest checkpoint in --out (default on)")
     parser.add_argument("--checkpoint-every", type=float, default=defaults.checkpoint_every_s, help="seconds")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="train a new run for this long instead of --steps (compilation included; "
+                             "for accelerators: the speed measured on the first steps sets the total)")
 
 
 def loop_config(args, defaults: LoopConfig) -> LoopConfig:
@@ -224,6 +229,13 @@ def loop_config(args, defaults: LoopConfig) -> LoopConfig:
     return dataclasses.replace(defaults, steps=args.steps, batch_size=args.batch_size,
                                learning_rate=args.learning_rate, seed=args.seed,
                                checkpoint_every_s=args.checkpoint_every)
+
+
+def train_from_args(task: Task, cfg: LoopConfig, args) -> TrainState:
+    """`train`, or `train_within` when the command line gave --minutes (see add_loop_arguments)."""
+    if args.minutes:
+        return train_within(task, cfg, args.out, 60 * args.minutes)
+    return train(task, cfg, args.out, resume=args.resume)
 
 
 def train(task: Task, cfg: LoopConfig, out, resume: bool = True, mesh=None, quiet: bool = False) -> TrainState:
@@ -284,11 +296,46 @@ def train(task: Task, cfg: LoopConfig, out, resume: bool = True, mesh=None, quie
         raise
     finally:
         bar.close()
+        if task.close is not None:
+            task.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     if start >= cfg.steps and not (out / "model").is_dir():
         _checkpoint(task, state, out)
     return state
+
+
+def train_within(task: Task, cfg: LoopConfig, out, seconds: float, probe_steps: int = 40, mesh=None,
+                 quiet: bool = False) -> TrainState:
+    """Trains a new run in `out` for as many steps as fit in `seconds` of wall clock (compilation
+    included); cfg.steps is ignored. For accelerators, whose speed on a model nobody knows ahead.
+
+    The first `probe_steps` steps (at most the warmup, so the learning rates so far do not depend on
+    the total) are the run's own first steps; their throughput sets the total, with which the run
+    resumes (the cosine schedule spans the total; a second compilation, which the first one's time
+    estimates, is counted in). Rerun on an interrupted run, it resumes that run's total.
+    """
+    began = time.time()
+    out = Path(out)
+    saved = out / "config.json"
+    if checkpoint_files(out) and saved.is_file() and json.loads(saved.read_text())["steps"] > probe_steps:
+        return train(task, dataclasses.replace(cfg, steps=json.loads(saved.read_text())["steps"]), out, True, mesh, quiet)
+    probe = dataclasses.replace(cfg, steps=min(probe_steps, cfg.warmup_steps), log_every=max(probe_steps // 4, 1),
+                                eval_every=10**9)
+    train(task, probe, out, True, mesh, quiet)
+    windows = [r for r in read_log(out) if "examples_per_s" in r and r["step"] <= probe.steps]
+    rate = float(np.median([r["examples_per_s"] for r in windows[1:]] or [windows[-1]["examples_per_s"]]))
+    # What the probe spent besides its steps comes again: setting up (initialization, restoring),
+    # the first step's compilation, and after the last step an evaluation and a checkpoint.
+    setup_and_compile = windows[0]["time"] - began - probe.log_every * cfg.batch_size / rate
+    closing = time.time() - windows[-1]["time"]
+    left = seconds - (time.time() - began) - max(setup_and_compile, 0.0) - max(closing, 0.0)
+    # 5% for evaluations, checkpoints and exports along the way.
+    total = probe.steps + max(int(0.95 * left * rate / cfg.batch_size), 1)
+    if not quiet:
+        print(f"{out}: {rate:.0f} examples/s after ~{setup_and_compile:.0f} s of setup and compilation: "
+              f"{total} steps fit {seconds:.0f} s", flush=True)
+    return train(task, dataclasses.replace(cfg, steps=total), out, True, mesh, quiet)
 
 
 def _interrupt(signum, frame):
