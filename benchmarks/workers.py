@@ -262,7 +262,7 @@ def knobs(args) -> dict:
         from tests.tiny import write_tiny_pipeline
 
         pipe, model = load_pipeline(write_tiny_pipeline(Path(tempfile.mkdtemp())), compilation_cache=False), "tiny random"
-    pipe.generate("warm up", seed=0)
+    pipe.warmup()  # as the app starts
     traces, compiled = sampling.trace_count(), len(compiles)
     changes = [{"temperature": 0.7}, {"top_k": 3}, {"top_p": 0.5}, {"condition_scale": 7.5}, {"seed": 99}]
     for change in changes:

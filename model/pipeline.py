@@ -338,8 +338,17 @@ class Pipeline:
         return knobs
 
     def warmup(self, num_images=None, candidates=None):
-        """Compiles every stage for the default request shape (JAX caches it on disk, see startup)."""
-        return self.generate("warm-up", num_images=num_images, candidates=candidates, seed=0)
+        """Compiles every stage for the default request shape (JAX caches it on disk, see startup).
+
+        condition_scale 1 samples without the unconditional rows, a separately compiled sampler; a
+        model whose default is 1 (the embedded one: a grid takes about a second) also compiles the
+        guided one, so moving the slider off 1 never waits for a compilation. Models whose default
+        guides (mini, mega) skip the unguided one, which would cost a whole extra generation.
+        """
+        result = self.generate("warm-up", num_images=num_images, candidates=candidates, seed=0)
+        if self.defaults.condition_scale == 1.0:
+            self.generate("warm-up", num_images=num_images, candidates=candidates, seed=0, condition_scale=2.0)
+        return result
 
     # -------------------------------------------------------------------------------------------
     # Steps

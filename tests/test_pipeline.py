@@ -1,5 +1,7 @@
 """The Pipeline end to end on tiny random weights: images, ordering, seeds, batching, previews, compiles."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -91,6 +93,15 @@ def test_changing_knobs_and_seed_never_recompiles(pipe):
     before = sampling.trace_count()
     for knobs in ({"temperature": 0.7}, {"top_k": 3}, {"top_p": 0.5}, {"condition_scale": 7.5}, {"seed": 99}):
         pipe.generate("a fox", num_images=4, **{"seed": 1, **knobs})
+    assert sampling.trace_count() == before
+
+
+def test_warmup_of_an_unguided_default_also_compiles_the_guided_sampler(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "defaults", dataclasses.replace(pipe.defaults, condition_scale=1.0))
+    pipe.warmup(num_images=13)  # a request shape no other test compiles
+    before = sampling.trace_count()
+    for scale in (1.0, 3.0, 1.0):
+        pipe.generate("a fox", num_images=13, seed=2, condition_scale=scale)
     assert sampling.trace_count() == before
 
 
