@@ -6,6 +6,9 @@
     python -m model.train.all --runs runs2 --bart-init checkpoints/emoji/bart   # DalleBart warm-started
     python -m model.train.all --runs runs3 --bart-init checkpoints/emoji/bart --decoder-layers 3
                                                     # ... keeping 3 of its 4 decoder layers (faster sampling)
+    python -m model.train.all --runs runs-gpu --decoder-layers 3 --vqgan-minutes 3 --bart-minutes 4 \
+        --vqgan-batch-size 256 --bart-batch-size 512 --scenes 300000 --code-format parquet --workers 12 \
+        --clip-from checkpoints/emoji/clip          # on one GPU: each stage trains for so many minutes
 
 Stages: VQGAN on scenes -> encode scenes to codes with it -> DalleBart on the codes -> CLIP on
 scenes. Each stage resumes from its latest checkpoint, so rerunning the command after an
@@ -31,27 +34,27 @@ from model.train import bart as bart_stage
 from model.train import clip as clip_stage
 from model.train import codes as codes_stage
 from model.train import vqgan as vqgan_stage
-from model.train.loop import LoopConfig, train
+from model.train.loop import LoopConfig, train, train_within
 
 MAX_FOLDER_BYTES = 40 * 2**20
 
-# Sampling defaults of the shipped model (pipeline.json), picked with model.evaluate (40 scenes per
-# split): condition_scale 2 kept every background >= 98% with relation 67-80% and count 57-82%; 1.5
-# placed single objects better but lost pairs and counts; 3 dropped held-out backgrounds to 80-88%;
-# 6 and 10 were worse on everything. Rechecked for the shipped 3-decoder-layer model (20 scenes per
-# split): 1.5 dropped held-out relation 85% -> 70%; 3 dropped seen position 100% -> 56%, held-out
-# counts 75% -> 65% and identity; 2 kept.
-DEFAULTS = {"num_images": 9, "candidates": 9, "temperature": 1.0, "top_k": 64, "top_p": 1.0, "condition_scale": 2.0}
+# Sampling defaults of the shipped model (pipeline.json), picked with model.evaluate. For the GPU-trained
+# model (2026-11-26; 72 single-object scenes, then 60 scenes per split): condition_scale 1 (no
+# super-conditioning, so sampling runs half the rows) gave identity 83% and position 97%; 1.25 gave
+# 86% / 100% on the singles but 69-85% / 79-97% per split; 1.5 75% / 90%; 2 47% / 58%; 3 and 5 drew
+# almost no right object. top_k 16, 32, 64, 128 and none all gave 82-83% identity. (The earlier,
+# CPU-trained model wanted condition_scale 2: guidance helps an undertrained model and hurts a better one.)
+DEFAULTS = {"num_images": 9, "candidates": 9, "temperature": 1.0, "top_k": 64, "top_p": 1.0, "condition_scale": 1.0}
 
-DESCRIPTION = ("A small DALL-E mini trained from scratch on this machine's CPU on 64x64 scenes of Twemoji "
-               "artwork: one to four objects from a vocabulary of 181 animals, foods, plants, vehicles "
+DESCRIPTION = ("A small DALL-E mini trained from scratch on 64x64 scenes of Twemoji artwork (on one GPU for about "
+               "12 minutes): one to four objects from a vocabulary of 181 animals, foods, plants, vehicles "
                "and things, on plain coloured backgrounds, with their sizes, positions and relations.")
 LIMITATIONS = ("Only understands captions like the training templates: 'a small red apple in the top left on a "
                "blue background', 'a fox to the left of a butterfly on a purple background', 'three snails on "
-               "a yellow background'. Images are 64x64 from a 16x16 grid of codes. Trained for about four "
-               "hours of CPU in all, it gets background colours, relations, counts and positions mostly right "
-               "and draws objects in roughly the right colours and shapes, but few are recognisable as the "
-               "exact emoji. It knows nothing outside its emoji vocabulary and 12 background colours.")
+               "a yellow background'. Images are 64x64 from a 16x16 grid of codes. It gets background colours, "
+               "positions and relations right nearly always, counts and the exact emoji about four times in "
+               "five; objects in pairs and counts are drawn less crisply than single ones. It knows nothing "
+               "outside its emoji vocabulary and 12 background colours.")
 CREDIT = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0"
 EXAMPLES = ("a large fox in the center on a blue background",
             "a cat to the left of a dog on a yellow background",
@@ -97,10 +100,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs", help="folder of the stages' run folders")
     parser.add_argument("--out", default="checkpoints/emoji", help="the assembled model folder")
-    parser.add_argument("--vqgan-steps", type=int, default=vqgan_stage.DEFAULT_LOOP.steps)
-    parser.add_argument("--bart-steps", type=int, default=bart_stage.DEFAULT_LOOP.steps)
-    parser.add_argument("--clip-steps", type=int, default=clip_stage.DEFAULT_LOOP.steps)
+    for stage, module in (("vqgan", vqgan_stage), ("bart", bart_stage), ("clip", clip_stage)):
+        parser.add_argument(f"--{stage}-steps", type=int, default=module.DEFAULT_LOOP.steps)
+        parser.add_argument(f"--{stage}-batch-size", type=int, default=module.DEFAULT_LOOP.batch_size)
+    for stage in ("vqgan", "bart"):
+        parser.add_argument(f"--{stage}-minutes", type=float, default=None,
+                            help=f"train a new {stage} run for this long instead of --{stage}-steps "
+                                 "(compilation included; see model.train.loop.train_within)")
+    parser.add_argument("--clip-from", default=None, help="a trained CLIP folder to ship instead of training one")
     parser.add_argument("--scenes", type=int, default=40000, help="scenes encoded for DalleBart")
+    parser.add_argument("--code-format", choices=("jsonl", "parquet"), default="jsonl",
+                        help="the code dataset's files (parquet needs pyarrow; far faster at 100k+ scenes)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes drawing scenes for the VQGAN and the code dataset (0: the trainer's)")
     parser.add_argument("--reencode", action="store_true", help="rebuild the code dataset")
     parser.add_argument("--fresh-bart", action="store_true", help="discard the DalleBart run and start over")
     parser.add_argument("--factor", type=int, choices=(4, 8), default=4,
@@ -116,26 +128,34 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     runs = Path(args.runs)
+    clip_folder = Path(args.clip_from) if args.clip_from else runs / "clip" / "model"
 
     if not args.assemble_only:
-        def loop(stage, steps):
-            return LoopConfig(**{**stage.DEFAULT_LOOP.__dict__, "steps": steps, "seed": args.seed})
+        def run(name, stage, task):
+            config = LoopConfig(**{**stage.DEFAULT_LOOP.__dict__, "seed": args.seed,
+                                   "steps": getattr(args, f"{name}_steps"),
+                                   "batch_size": getattr(args, f"{name}_batch_size")})
+            minutes = getattr(args, f"{name}_minutes", None)
+            if minutes:
+                return train_within(task, config, runs / name, 60 * minutes)
+            return train(task, config, runs / name)
 
-        vq_loop = loop(vqgan_stage, args.vqgan_steps)
         vq_config = vqgan_stage.model_config(args.factor, args.n_embed)
-        train(vqgan_stage.make_task(vq_config, vq_loop.batch_size, args.seed), vq_loop, runs / "vqgan")
-        if args.reencode or not (runs / "codes" / "train.jsonl").is_file():
-            codes_stage.write_code_datasets(runs / "vqgan" / "model", runs / "codes", args.scenes, seed=args.seed)
+        run("vqgan", vqgan_stage, vqgan_stage.make_task(vq_config, args.vqgan_batch_size, args.seed,
+                                                        workers=args.workers))
+        codes = runs / "codes"
+        if args.reencode or not any(codes.glob("train.*")):
+            shutil.rmtree(codes, ignore_errors=True)
+            codes_stage.write_code_datasets(runs / "vqgan" / "model", codes, args.scenes, seed=args.seed,
+                                            workers=args.workers, suffix=f".{args.code_format}")
         if args.fresh_bart:
             shutil.rmtree(runs / "bart", ignore_errors=True)
-        bart_loop = loop(bart_stage, args.bart_steps)
-        train(bart_stage.make_task(runs / "codes", runs / "bart", bart_loop.batch_size, args.seed,
-                                   image_vocab_size=vq_config.n_embed, init_from=args.bart_init,
-                                   decoder_layers=args.decoder_layers),
-              bart_loop, runs / "bart")
-        clip_loop = loop(clip_stage, args.clip_steps)
-        train(clip_stage.make_task(runs / "clip", clip_loop.batch_size, args.seed), clip_loop, runs / "clip")
-    folder = assemble(runs / "vqgan" / "model", runs / "bart" / "model", runs / "clip" / "model", args.out)
+        run("bart", bart_stage, bart_stage.make_task(codes, runs / "bart", args.bart_batch_size, args.seed,
+                                                     image_vocab_size=vq_config.n_embed, init_from=args.bart_init,
+                                                     decoder_layers=args.decoder_layers))
+        if not args.clip_from:
+            run("clip", clip_stage, clip_stage.make_task(runs / "clip", args.clip_batch_size, args.seed))
+    folder = assemble(runs / "vqgan" / "model", runs / "bart" / "model", clip_folder, args.out)
     print(f"assembled {folder}")
 
 
