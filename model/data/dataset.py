@@ -5,7 +5,7 @@ image's VQGAN codes, a list of ints in row-major order). This module writes and 
 
 - JSON lines (`.jsonl`): one `{"caption": "...", "encoding": [c0, c1, ...]}` object per line;
 - Parquet (`.parquet`): the same two columns, read and written with pyarrow when it is installed
-  (upstream's datasets are parquet files; pyarrow is not a dependency of this project).
+  (upstream's datasets are parquet files; pyarrow is a test dependency, not a runtime one).
 
 A dataset path may also be a folder, whose `*.jsonl` and `*.parquet` files are read in name order.
 """

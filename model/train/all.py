@@ -7,7 +7,7 @@
     python -m model.train.all --runs runs3 --bart-init checkpoints/emoji/bart --decoder-layers 3
                                                     # ... keeping 3 of its 4 decoder layers (faster sampling)
     python -m model.train.all --runs runs-gpu --decoder-layers 3 --vqgan-minutes 3 --bart-minutes 4 \
-        --vqgan-batch-size 256 --bart-batch-size 512 --scenes 300000 --code-format parquet --workers 12 \
+        --vqgan-batch-size 256 --bart-batch-size 512 --scenes 300000 --code-format parquet --workers 13 \
         --clip-from checkpoints/emoji/clip          # on one GPU: each stage trains for so many minutes
 
 Stages: VQGAN on scenes -> encode scenes to codes with it -> DalleBart on the codes -> CLIP on
