@@ -64,15 +64,18 @@ def read_dataset(path) -> tuple[list[str], np.ndarray]:
             raise ValueError(f"{file}: dataset files end in .jsonl or .parquet")
         captions += texts
         parts.append(rows)
-    if len({rows.shape[1] for rows in parts if len(rows)}) > 1:
-        raise ValueError(f"{path}: encodings have different lengths {sorted({r.shape[1] for r in parts})[:5]}")
+    _check_same_length(path, (rows.shape[1] for rows in parts if len(rows)))
     return captions, np.concatenate(parts).astype(np.int32)
 
 
-def _rows_array(file, rows) -> np.ndarray:
-    lengths = {len(row) for row in rows}
+def _check_same_length(file, lengths) -> None:
+    lengths = set(lengths)
     if len(lengths) > 1:
         raise ValueError(f"{file}: encodings have different lengths {sorted(lengths)[:5]}")
+
+
+def _rows_array(file, rows) -> np.ndarray:
+    _check_same_length(file, (len(row) for row in rows))
     return np.asarray(rows, dtype=np.int32).reshape(len(rows), -1)
 
 
@@ -81,9 +84,8 @@ def _read_parquet(file) -> tuple[list[str], np.ndarray]:
     pa, pq = _pyarrow()
     table = pq.read_table(file, columns=[CAPTION, ENCODING])
     column = table.column(ENCODING).combine_chunks()
-    lengths = np.diff(np.asarray(column.offsets)) if hasattr(column, "offsets") else None
-    if lengths is not None and len(set(lengths.tolist())) > 1:
-        raise ValueError(f"{file}: encodings have different lengths {sorted(set(lengths.tolist()))[:5]}")
+    if hasattr(column, "offsets"):  # list<int>; a fixed-size list has one length by type
+        _check_same_length(file, np.diff(np.asarray(column.offsets)).tolist())
     flat = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.int32)
     return table.column(CAPTION).to_pylist(), flat.reshape(len(table), -1)
 

@@ -312,16 +312,18 @@ def train_within(task: Task, cfg: LoopConfig, out, seconds: float, probe_steps: 
 
     The first `probe_steps` steps (at most the warmup, so the learning rates so far do not depend on
     the total) are the run's own first steps; their throughput sets the total, with which the run
-    resumes (the cosine schedule spans the total; a second compilation, which the first one's time
-    estimates, is counted in). Rerun on an interrupted run, it resumes that run's total.
+    resumes (the cosine schedule spans the total; the probe's setup, compilation and closing
+    checkpoint come again and are counted in). Rerun on an interrupted run, it resumes that run's total.
     """
     began = time.time()
     out = Path(out)
     saved = out / "config.json"
-    if checkpoint_files(out) and saved.is_file() and json.loads(saved.read_text())["steps"] > probe_steps:
-        return train(task, dataclasses.replace(cfg, steps=json.loads(saved.read_text())["steps"]), out, True, mesh, quiet)
-    probe = dataclasses.replace(cfg, steps=min(probe_steps, cfg.warmup_steps), log_every=max(probe_steps // 4, 1),
-                                eval_every=10**9)
+    if checkpoint_files(out) and saved.is_file():
+        saved_steps = json.loads(saved.read_text())["steps"]
+        if saved_steps > probe_steps:
+            return train(task, dataclasses.replace(cfg, steps=saved_steps), out, True, mesh, quiet)
+    probe_steps = min(probe_steps, cfg.warmup_steps)
+    probe = dataclasses.replace(cfg, steps=probe_steps, log_every=max(probe_steps // 4, 1), eval_every=10**9)
     train(task, probe, out, True, mesh, quiet)
     windows = [r for r in read_log(out) if "examples_per_s" in r and r["step"] <= probe.steps]
     rate = float(np.median([r["examples_per_s"] for r in windows[1:]] or [windows[-1]["examples_per_s"]]))
