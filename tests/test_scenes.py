@@ -94,6 +94,22 @@ def test_train_mixes_kinds_in_the_stated_proportions(drawn):
     assert shares == pytest.approx({"single": 0.5, "pair": 0.3, "count": 0.2}, abs=0.02)
 
 
+def test_kind_mix_reweights_the_train_kinds_and_keeps_the_heldout_ones_out():
+    def kinds(mix, n=600):
+        rng = np.random.default_rng(5)
+        drawn = [sample_scene(rng, "train", mix) for _ in range(n)]
+        assert all(scenes.heldout_kinds(scene) == set() for scene in drawn)
+        return [scene.kind for scene in drawn]
+
+    assert set(kinds((0, 0, 1))) == {"count"}
+    assert set(kinds((1, 0, 0))) == {"single"}
+    mixed = kinds((0, 2, 2))
+    assert set(mixed) == {"pair", "count"} and 0.4 < mixed.count("pair") / len(mixed) < 0.6
+    for bad in ((1, 1), (1, -1, 1), (0, 0, 0)):
+        with pytest.raises(ValueError, match="kind_mix"):
+            sample_scene(np.random.default_rng(0), "train", bad)
+
+
 def test_every_heldout_part_occurs_in_training(drawn):
     held = heldout()
     train = drawn["many_train"]

@@ -52,6 +52,21 @@ def vqgan_run(tmp_path_factory):
     return out
 
 
+def _decoder_losses_on_seen_batches(task, folder, pixel_loss="edges"):
+    """(loss, metrics) of decoder_loss for the VQGAN in `folder` on the task's first four batches."""
+    from model.checkpoint import load_vqgan
+
+    module, params = load_vqgan(folder)
+    decoder = {name: params[name] for name in vqgan_stage.DECODER_PARTS}
+    frozen = {name: value for name, value in params.items() if name not in vqgan_stage.DECODER_PARTS}
+    results = []
+    for step in range(4):
+        loss, (metrics, _) = vqgan_stage.decoder_loss(module, decoder, {"frozen": frozen}, task.batch(step), None,
+                                                      pixel_loss)
+        results.append((float(loss), metrics))
+    return results
+
+
 def test_decoder_finetuning_keeps_every_code(tmp_path, vqgan_run):
     """--finetune-decoder: the decoder learns, encoder and codebook stay bit-identical, so the codes a
     DalleBart was trained on do not change."""
@@ -64,13 +79,10 @@ def test_decoder_finetuning_keeps_every_code(tmp_path, vqgan_run):
     module, before = load_vqgan(vqgan_run / "model")
     _, after = load_vqgan(out / "model")
 
-    def loss_on_seen_batches(params):
-        decoder = {name: params[name] for name in vqgan_stage.DECODER_PARTS}
-        frozen = {name: value for name, value in params.items() if name not in vqgan_stage.DECODER_PARTS}
-        return np.mean([vqgan_stage.decoder_loss(module, decoder, {"frozen": frozen}, task.batch(step), None)[0]
-                        for step in range(4)])
+    def loss_on_seen_batches(folder):
+        return np.mean([loss for loss, _ in _decoder_losses_on_seen_batches(task, folder)])
 
-    assert loss_on_seen_batches(after) < 0.98 * loss_on_seen_batches(before)
+    assert loss_on_seen_batches(out / "model") < 0.98 * loss_on_seen_batches(vqgan_run / "model")
     for part in ("encoder", "quant_conv", "quantize"):
         for a, b in zip(jax.tree_util.tree_leaves(before[part]), jax.tree_util.tree_leaves(after[part])):
             np.testing.assert_array_equal(a, b)
@@ -109,6 +121,24 @@ def clip_run(tmp_path_factory):
     task = clip_stage.make_task(out, 8, vocab_size=300, eval_examples=8, **TINY_CLIP)
     train(task, _loop(25, eval_every=25), out, quiet=True)
     return out
+
+
+def test_mse_decoder_finetuning_on_a_kind_mix_lowers_the_squared_error(tmp_path, vqgan_run):
+    """--pixel-loss mse --kind-mix: the loss is the mean squared error alone (what PSNR measures) and
+    fine-tuning on count scenes only lowers it on those scenes."""
+    task = vqgan_stage.make_task(None, 8, eval_examples=8, finetune_from=vqgan_run / "model", kind_mix=(0, 0, 1),
+                                 pixel_loss="mse")
+    train(task, _loop(40, learning_rate=3e-3), tmp_path, quiet=True)
+
+    def squared_error(folder):
+        results = _decoder_losses_on_seen_batches(task, folder, "mse")
+        for loss, metrics in results:
+            assert loss == pytest.approx(float(metrics["l2"]))
+        return np.mean([loss for loss, _ in results])
+
+    assert squared_error(tmp_path / "model") < 0.97 * squared_error(vqgan_run / "model")
+    with pytest.raises(ValueError, match="pixel_loss"):
+        vqgan_stage.make_task(TINY_VQGAN, 8, pixel_loss="ssim")
 
 
 def test_vqgan_loss_falls_and_exports(vqgan_run):

@@ -20,9 +20,9 @@ import numpy as np
 from model.data import scenes
 
 
-def render_chunk(seed_parts: tuple, count: int, split: str = "train") -> tuple[list[str], np.ndarray]:
+def render_chunk(seed_parts: tuple, count: int, split: str = "train", kind_mix=None) -> tuple[list[str], np.ndarray]:
     """scenes.sample_batch with the generator np.random.default_rng(seed_parts): (captions, uint8 images)."""
-    return scenes.sample_batch(np.random.default_rng(list(seed_parts)), count, split)
+    return scenes.sample_batch(np.random.default_rng(list(seed_parts)), count, split, kind_mix)
 
 
 def ordered_map(fn: Callable, jobs: Iterable[tuple], workers: int = 0, ahead: int | None = None) -> Iterator:

@@ -374,9 +374,9 @@ def _count(rng, name, count, background):
 _NAMES = tuple(VOCABULARY)
 
 
-def _sample_train(rng):
+def _sample_train(rng, kind_cumulative=_TRAIN_KIND_CUMULATIVE):
     draw = rng.random()
-    kind = next(k for k, cumulative in zip(KINDS, _TRAIN_KIND_CUMULATIVE) if draw < cumulative)
+    kind = next((k for k, cumulative in zip(KINDS, kind_cumulative) if draw < cumulative), KINDS[-1])
     if kind == "single":
         name = _pick(rng, _NAMES)
         position = _pick(rng, _training_positions(name))
@@ -401,16 +401,28 @@ def _heldout_pair_list():
     return tuple(sorted(tuple(sorted(pair)) for pair in heldout().pairs))
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
+def _kind_cumulative(kind_mix):
+    """(single, pair, count) weights -> the cumulative shares _sample_train draws the kind from."""
+    if kind_mix is None:
+        return _TRAIN_KIND_CUMULATIVE
+    weights = np.asarray(kind_mix, np.float64)
+    if weights.shape != (len(KINDS),) or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"kind_mix must be {len(KINDS)} non-negative weights for {KINDS}, got {kind_mix!r}")
+    return tuple(np.cumsum(weights) / weights.sum())
+
+
+def sample_scene(rng: np.random.Generator, split: str = "train", kind_mix=None) -> Scene:
     """Draw one scene of the split. Train mixes the kinds; each held-out split draws only its kind.
 
     Args:
       rng: np.random.Generator, the only source of randomness.
       split: one of SPLITS.
+      kind_mix: train only: weights of (single, pair, count) scenes; None = 50/30/20. Lets a stage
+        dwell on the harder multi-object scenes (e.g. decoder fine-tuning) without new splits.
     """
     held = heldout()
     if split == "train":
-        return _sample_train(rng)
+        return _sample_train(rng, _kind_cumulative(kind_mix))
     if split == "heldout_pairs":
         first, second = _pick(rng, _heldout_pair_list())
         if rng.integers(2):
@@ -463,9 +475,9 @@ def render(scene: Scene) -> Image.Image:
 
 
 def sample_batch(
-    rng: np.random.Generator, n: int, split: str = "train"
+    rng: np.random.Generator, n: int, split: str = "train", kind_mix=None
 ) -> tuple[list[str], np.ndarray]:
-    """Draw and render n scenes.
+    """Draw and render n scenes (`kind_mix`: see sample_scene).
 
     Returns:
       (captions, images): a list of n strings and np.uint8 images [n, 64, 64, 3].
@@ -473,7 +485,7 @@ def sample_batch(
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     captions = []
     for i in range(n):
-        scene = sample_scene(rng, split)
+        scene = sample_scene(rng, split, kind_mix)
         images[i] = render(scene)
         captions.append(caption(scene))
     return captions, images

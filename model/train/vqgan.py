@@ -80,15 +80,23 @@ def _image_gradients(x):  # [b, H, W, c] -> ([b, H-1, W, c], [b, H, W-1, c])
     return x[:, 1:] - x[:, :-1], x[:, :, 1:] - x[:, :, :-1]
 
 
-def reconstruction_loss(recon, images):
-    """L1 + L2 + GRADIENT_L1 x L1 of the image gradients; returns (loss, l1, l2)."""
+PIXEL_LOSSES = ("edges", "mse")
+
+
+def reconstruction_loss(recon, images, pixel_loss="edges"):
+    """"edges": L1 + L2 + GRADIENT_L1 x L1 of the image gradients (sharp edges; the default);
+    "mse": L2 alone, what PSNR measures (for a last fine-tuning phase). Returns (loss, l1, l2)."""
     l1 = jnp.mean(jnp.abs(recon - images))
     l2 = jnp.mean(jnp.square(recon - images))
+    if pixel_loss == "mse":
+        return l2, l1, l2
+    if pixel_loss != "edges":
+        raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {pixel_loss!r}")
     grad_l1 = sum(jnp.mean(jnp.abs(a - b)) for a, b in zip(_image_gradients(recon), _image_gradients(images)))
     return l1 + l2 + GRADIENT_L1 * grad_l1, l1, l2
 
 
-def vqgan_loss(module: VQGAN, params, model_state, batch, key):
+def vqgan_loss(module: VQGAN, params, model_state, batch, key, pixel_loss="edges"):
     """Reconstruction + commitment loss; returns the EMA-updated codebook state in the aux output.
 
     batch["images"]: uint8 [b, H, W, 3]. model_state: codebook [K, D], usage [K], sums [K, D].
@@ -103,7 +111,7 @@ def vqgan_loss(module: VQGAN, params, model_state, batch, key):
     # Straight-through: the decoder sees the code vectors, the encoder gets the decoder's gradient.
     straight = z + jax.lax.stop_gradient(quantized - z)
     recon = module.apply({"params": full}, straight, method=VQGAN.decode)
-    reconstruction, l1, l2 = reconstruction_loss(recon, images)
+    reconstruction, l1, l2 = reconstruction_loss(recon, images, pixel_loss)
     commitment = jnp.mean(jnp.square(z - jax.lax.stop_gradient(quantized)))
     loss = reconstruction + COMMITMENT * commitment
 
@@ -134,22 +142,26 @@ def _ema_update(state, flat, codes, key):
 DECODER_PARTS = ("post_quant_conv", "decoder")  # what --finetune-decoder trains
 
 
-def decoder_loss(module: VQGAN, params, model_state, batch, key):
+def decoder_loss(module: VQGAN, params, model_state, batch, key, pixel_loss="edges"):
     """Reconstruction loss of the decoder alone; params hold DECODER_PARTS, model_state["frozen"] the rest."""
     del key
     images = batch["images"].astype(jnp.float32) / 255.0
     full = _finetune_params(params, model_state)
     quantized, _ = module.apply({"params": full}, images, method=VQGAN.encode)
     recon = module.apply({"params": full}, jax.lax.stop_gradient(quantized), method=VQGAN.decode)
-    loss, l1, l2 = reconstruction_loss(recon, images)
+    loss, l1, l2 = reconstruction_loss(recon, images, pixel_loss)
     return loss, ({"l1": l1, "l2": l2, "psnr": psnr(recon, images)}, model_state)
 
 
 def make_task(config: VQGANConfig | None, batch_size: int, seed: int = 0, eval_examples: int = 128,
-              finetune_from=None, workers: int = 0) -> Task:
+              finetune_from=None, workers: int = 0, kind_mix=None, pixel_loss: str = "edges") -> Task:
     """The VQGAN stage; `finetune_from` (a VQGAN folder) trains only its decoder (see the docstring),
     whose config it then uses (pass None, or the same config). `workers`: processes drawing the
-    training scenes ahead of the loop (model.data.parallel; for accelerators), 0 = in the loop."""
+    training scenes ahead of the loop (model.data.parallel; for accelerators), 0 = in the loop.
+    `kind_mix`: (single, pair, count) weights of the training scenes (scenes.sample_scene).
+    `pixel_loss`: one of PIXEL_LOSSES (reconstruction_loss)."""
+    if pixel_loss not in PIXEL_LOSSES:
+        raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {pixel_loss!r}")
     if finetune_from is not None:
         trained_module, trained = load_vqgan(finetune_from)
         if config not in (None, trained_module.config):
@@ -171,7 +183,7 @@ def make_task(config: VQGANConfig | None, batch_size: int, seed: int = 0, eval_e
         state = {"codebook": codebook, "usage": jnp.zeros(config.n_embed), "sums": jnp.zeros_like(codebook)}
         return params, state
 
-    scenes_of_step = BatchStream(render_chunk, lambda step: ((seed, step), batch_size, "train"), workers)
+    scenes_of_step = BatchStream(render_chunk, lambda step: ((seed, step), batch_size, "train", kind_mix), workers)
 
     def batch(step):
         _, images = scenes_of_step(step)
@@ -199,9 +211,9 @@ def make_task(config: VQGANConfig | None, batch_size: int, seed: int = 0, eval_e
         save_vqgan(folder, config, full_params(params, model_state))
 
     if finetune_from is not None:
-        return Task(init=init_finetune, loss=functools.partial(decoder_loss, module), batch=batch, export=export,
-                    evaluate=evaluate, close=scenes_of_step.close)
-    return Task(init=init, loss=functools.partial(vqgan_loss, module), batch=batch, export=export,
+        return Task(init=init_finetune, loss=functools.partial(decoder_loss, module, pixel_loss=pixel_loss),
+                    batch=batch, export=export, evaluate=evaluate, close=scenes_of_step.close)
+    return Task(init=init, loss=functools.partial(vqgan_loss, module, pixel_loss=pixel_loss), batch=batch, export=export,
                 evaluate=evaluate, close=scenes_of_step.close)
 
 
@@ -219,6 +231,15 @@ DEFAULT_LOOP = LoopConfig(steps=3000, batch_size=32, learning_rate=1e-3, warmup_
                           eval_every=250)
 
 
+def _kind_mix(text: str) -> tuple[float, ...]:
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+        scenes.sample_scene(np.random.default_rng(0), "train", weights)  # validates the weights
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected three non-negative weights like 0.2,0.4,0.4: {error}") from None
+    return weights
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_loop_arguments(parser, DEFAULT_LOOP, out="runs/vqgan")
@@ -228,11 +249,15 @@ def main(argv=None):
                         help="processes drawing training scenes ahead of the loop (0: in the loop; ~8 on a GPU)")
     parser.add_argument("--finetune-decoder", metavar="FOLDER", default=None,
                         help="train only the decoder of this trained VQGAN (codes stay the same)")
+    parser.add_argument("--kind-mix", metavar="SINGLE,PAIR,COUNT", type=_kind_mix, default=None,
+                        help="weights of the training scenes' kinds (default 0.5,0.3,0.2)")
+    parser.add_argument("--pixel-loss", choices=PIXEL_LOSSES, default="edges",
+                        help="edges: L1 + L2 + edge L1 (default); mse: L2 alone, what PSNR measures")
     args = parser.parse_args(argv)
     loop = loop_config(args, DEFAULT_LOOP)
     config = None if args.finetune_decoder else model_config(args.factor, args.n_embed)
     task = make_task(config, args.batch_size, args.seed, finetune_from=args.finetune_decoder,
-                     workers=args.workers)
+                     workers=args.workers, kind_mix=args.kind_mix, pixel_loss=args.pixel_loss)
     train_from_args(task, loop, args)
 
 
