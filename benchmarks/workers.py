@@ -264,7 +264,7 @@ def knobs(args) -> dict:
         pipe, model = load_pipeline(write_tiny_pipeline(Path(tempfile.mkdtemp())), compilation_cache=False), "tiny random"
     pipe.warmup()  # as the app starts
     traces, compiled = sampling.trace_count(), len(compiles)
-    changes = [{"temperature": 0.7}, {"top_k": 3}, {"top_p": 0.5}, {"condition_scale": 7.5}, {"seed": 99}]
+    changes = [{"temperature": 1.3}, {"top_k": 3}, {"top_p": 0.5}, {"condition_scale": 7.5}, {"seed": 99}]
     for change in changes:
         pipe.generate("a different prompt", **{"seed": 1, **change})
     return {"model": model, "changes": changes, "sampler_traces": sampling.trace_count() - traces,
