@@ -90,7 +90,7 @@ PIXEL_LOSSES = ("edges", "mse")
 
 
 def reconstruction_loss(recon, images, pixel_loss="edges"):
-    """"edges": L1 + L2 + GRADIENT_L1 x L1 of the image gradients (sharp edges; the default);
+    """pixel_loss "edges": L1 + L2 + GRADIENT_L1 x L1 of the image gradients (sharp edges; the default);
     "mse": L2 alone, what PSNR measures (for a last fine-tuning phase). Returns (loss, l1, l2)."""
     l1 = jnp.mean(jnp.abs(recon - images))
     l2 = jnp.mean(jnp.square(recon - images))
