@@ -63,13 +63,7 @@ def _step(x, blocks, head, ops):
 
 
 def _best_ms(run):
-    run()
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * roofline.best_seconds(run, REPEATS)
 
 
 def time_jax(rows, fused, options, shape):
@@ -119,8 +113,7 @@ def main(argv=None):
         "PyTorch, 2 threads": lambda rows: time_torch(rows, False, shape),
         "PyTorch, 2 threads, fused": lambda rows: time_torch(rows, True, shape),
     }
-    d, ffn, layers, vocab = shape
-    weights = layers * (6 * d * d + 3 * d * ffn) + d * vocab
+    weights = roofline.decoder_weights(config)
     table = {}
     for rows in ROWS:
         flops, weight_bytes = 2 * rows * weights, roofline.FLOAT_BYTES * weights

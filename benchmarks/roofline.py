@@ -14,11 +14,17 @@ import time
 FLOAT_BYTES = 4
 
 
+def decoder_weights(config) -> int:
+    """Weights a decoding step multiplies by: per layer self q/k/v/out, cross q/out, GLU in x2 and out;
+    then the LM head."""
+    d, ffn = config.d_model, config.decoder_ffn_dim
+    return config.decoder_layers * (6 * d * d + 3 * d * ffn) + d * (config.image_vocab_size + 1)
+
+
 def decoder_step(config, rows: int, position: int, text_length: int) -> tuple[float, float]:
     """(FLOPs, bytes read) of the cached decoding step at `position` for `rows` sequences."""
-    d, ffn, layers = config.d_model, config.decoder_ffn_dim, config.decoder_layers
-    layer_weights = 6 * d * d + 3 * d * ffn  # self q/k/v/out, cross q/out, GLU in x2 and out
-    weights = layers * layer_weights + d * (config.image_vocab_size + 1)  # + lm_head
+    d, layers = config.d_model, config.decoder_layers
+    weights = decoder_weights(config)
     keys = position + 1
     # Per row and layer: scores and weighted values, 2 FLOPs per multiply-add over d per key.
     attention = layers * 4 * d * (keys + text_length)
@@ -110,7 +116,8 @@ def clip(config, images: int, prompts: int) -> float:
 # Machine limits (measured in the benchmark's own run, so they share its conditions)
 
 
-def _best_seconds(run, repeats: int) -> float:
+def best_seconds(run, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of run(), after one untimed call."""
     run()
     best = float("inf")
     for _ in range(repeats):
@@ -135,18 +142,18 @@ def measure_machine(torch_threads: int = 2, repeats: int = 5) -> dict:
     matmul = jax.jit(lambda a, b: a @ b)
     for n in (2048, 3072):
         a = jnp.ones((n, n), jnp.float32) / n
-        seconds = _best_seconds(lambda: matmul(a, a).block_until_ready(), repeats)
+        seconds = best_seconds(lambda: matmul(a, a).block_until_ready(), repeats)
         result["matmul"][f"jax {n}"] = 2 * n ** 3 / seconds
         ta = torch.ones(n, n) / n
-        seconds = _best_seconds(lambda: ta @ ta, repeats)
+        seconds = best_seconds(lambda: ta @ ta, repeats)
         result["matmul"][f"torch {n}"] = 2 * n ** 3 / seconds
     count = 2 ** 28  # 1 GiB of float32
     array = jnp.ones((count,), jnp.float32)
     total = jax.jit(jnp.sum)
-    result["bandwidth"]["jax sum"] = FLOAT_BYTES * count / _best_seconds(lambda: total(array).block_until_ready(), repeats)
+    result["bandwidth"]["jax sum"] = FLOAT_BYTES * count / best_seconds(lambda: total(array).block_until_ready(), repeats)
     del array
     tensor = torch.ones(count)
-    result["bandwidth"]["torch sum"] = FLOAT_BYTES * count / _best_seconds(lambda: tensor.sum(), repeats)
+    result["bandwidth"]["torch sum"] = FLOAT_BYTES * count / best_seconds(lambda: tensor.sum(), repeats)
     result["peak_flops"] = max(result["matmul"].values())
     result["bandwidth_bytes"] = max(result["bandwidth"].values())
     return result
