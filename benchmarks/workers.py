@@ -25,7 +25,7 @@ TOKENIZER_TEXTS = [
     " three blue birds on a wooden fence, digital art",
     " an astronaut riding a horse on the moon",
 ] * 8
-WEIGHTS_VERSION = 1  # bump when the prepared files change
+WEIGHTS_VERSION = 2  # bump when the prepared files change
 
 
 def mini_configs():
@@ -36,12 +36,7 @@ def mini_configs():
     from model.clip import CLIPConfig
     from model.vqgan import VQGANConfig
 
-    bart = DalleBartConfig(
-        d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
-        decoder_attention_heads=16, encoder_ffn_dim=2730, decoder_ffn_dim=2730, encoder_vocab_size=50264,
-        image_vocab_size=16384, max_text_length=64, image_length=256,
-    )
-    return bart, VQGANConfig(), CLIPConfig.from_dict({"text_config": {"eos_token_id": 2}})
+    return DalleBartConfig.mini(), VQGANConfig(), CLIPConfig.from_dict({"text_config": {"eos_token_id": 2}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,12 +90,12 @@ def prepare(args) -> dict:
     import jax.numpy as jnp
     from safetensors.numpy import save_file
 
-    from benchmarks import min_dalle_port as port
     from model.bart import DalleBart
     from model.checkpoint import save_clip, save_dalle_bart, save_vqgan
     from model.clip import CLIP
     from model.text import train_bart_tokenizer
     from model.vqgan import VQGAN
+    from support import min_dalle_port as port
 
     bart_cfg, vq_cfg, clip_cfg = mini_configs()
     ours, theirs = folder / "ours", folder / "min_dalle"
@@ -146,9 +141,9 @@ def _stage_timers(pipe, times):
             return out
         return run
 
-    for name, attribute in (("text encoding", "_encode"), ("cache init", "_init_cache"),
-                            ("VQGAN", "_decode_images"), ("CLIP", "_clip_scores")):
-        setattr(pipe, attribute, timed(name, getattr(pipe, attribute)))
+    for owner, name, attribute in ((pipe, "text encoding", "_encode"), (pipe, "cache init", "_init_cache"),
+                                   (pipe, "VQGAN", "_decode_images"), (pipe.reranker, "CLIP", "_logits")):
+        setattr(owner, attribute, timed(name, getattr(owner, attribute)))
     sampling.sample_codes_chunk = timed("sampling", sampling.sample_codes_chunk)
 
 
@@ -175,7 +170,7 @@ def _measure_pipeline(pipe, num_images, knobs, tokens) -> dict:
     decoded = min(steps, -(-tokens // CHUNK_STEPS) * CHUNK_STEPS)
     if decoded < steps:
         _limit_tokens(decoded)
-    weights = tree_bytes(pipe.bart_params, pipe.vqgan_params, pipe.clip_params)
+    weights = tree_bytes(pipe.bart_params, pipe.vqgan_params, pipe.reranker.params)
     load_peak = phase_peak_bytes()
     reset_phase_peak()
     start = time.perf_counter()
@@ -208,36 +203,24 @@ def _measure_pipeline(pipe, num_images, knobs, tokens) -> dict:
     }
 
 
-def _decoding_view(pipe):
-    # decoding_params is idempotent: a no-op once the Pipeline prepares its weights itself.
-    import gc
-
-    from model import bart as bart_lib
-
-    pipe.bart_params = bart_lib.decoding_params(pipe.bart_params)
-    gc.collect()
-
-
 def ours(args) -> dict:
-    from model.pipeline import load_pipeline
+    from model.loading import load_pipeline
 
     reset_phase_peak()
     pipe = load_pipeline(Path(args.weights) / "ours", compilation_cache=False)
-    _decoding_view(pipe)
     knobs = {"condition_scale": 10.0, "top_k": 50, "temperature": 1.0}
     return _measure_pipeline(pipe, args.images, knobs, args.tokens)
 
 
 def embedded(args) -> dict:
     from model.errors import CheckpointError
-    from model.pipeline import load_pipeline
+    from model.loading import load_pipeline
 
     reset_phase_peak()
     try:
         pipe = load_pipeline(compilation_cache=False)
     except CheckpointError as error:
         return {"skipped": str(error)}
-    _decoding_view(pipe)
     result = _measure_pipeline(pipe, args.images, {}, args.tokens)
     result["defaults"] = dataclasses.asdict(pipe.defaults)
     return result
@@ -251,7 +234,7 @@ def knobs(args) -> dict:
 
     from model import sampling
     from model.errors import CheckpointError
-    from model.pipeline import load_pipeline
+    from model.loading import load_pipeline
 
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -259,7 +242,7 @@ def knobs(args) -> dict:
     try:
         pipe, model = load_pipeline(compilation_cache=False), "embedded"
     except CheckpointError:
-        from tests.tiny import write_tiny_pipeline
+        from support.tiny import write_tiny_pipeline
 
         pipe, model = load_pipeline(write_tiny_pipeline(Path(tempfile.mkdtemp())), compilation_cache=False), "tiny random"
     pipe.warmup()  # as the app starts
@@ -277,7 +260,7 @@ def min_dalle(args) -> dict:
     import torch
     from safetensors.numpy import load_file
 
-    from benchmarks import min_dalle_port as port
+    from support import min_dalle_port as port
 
     torch.set_num_threads(args.torch_threads)  # after the imports: min_dalle sets cpu_count()
     torch.set_grad_enabled(False)

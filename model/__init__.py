@@ -6,12 +6,13 @@
 The names below are imported on first use, so `import model.text` does not pull in the pipeline.
 """
 
-_PUBLIC = {"load_pipeline", "Pipeline", "GenerationResult", "Preview", "Progress", "image_grid"}
+_PUBLIC = {"Pipeline": "pipeline", "GenerationResult": "pipeline", "Progress": "pipeline", "Request": "pipeline",
+           "image_grid": "pipeline", "load_pipeline": "loading", "Options": "options"}
 
 
 def __getattr__(name):
     if name in _PUBLIC:
-        from model import pipeline
+        import importlib
 
-        return getattr(pipeline, name)
+        return getattr(importlib.import_module(f"model.{_PUBLIC[name]}"), name)
     raise AttributeError(f"module 'model' has no attribute {name!r}")

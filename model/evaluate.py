@@ -133,10 +133,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def evaluate(pipe, per_split: int, candidates: int, seed: int = 0, batch: int = 8):
     """Metrics per split (dict of dicts) and (caption, image) examples per split."""
-    import jax.numpy as jnp
-
-    from model.text import clip_preprocess, clip_tokenize
-
     table, examples = {}, {}
     for split_index, split in enumerate(SPLITS):
         rng = np.random.default_rng([seed, split_index])
@@ -147,9 +143,7 @@ def evaluate(pipe, per_split: int, candidates: int, seed: int = 0, batch: int = 
         codes = np.stack([pipe.encode_image(image) for image in truth])
         rebuilt = np.stack([np.asarray(image) for image in pipe.decode_codes(codes)])
         # CLIP retrieval among the split's rendered scenes.
-        ids, mask = clip_tokenize(pipe.clip_tokenizer, captions, pipe.clip_config.text_config.max_position_embeddings)
-        values = clip_preprocess(list(truth), pipe.clip_image_size, pipe.clip_mean, pipe.clip_std)
-        logits = np.asarray(pipe._clip_scores(pipe.clip_params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(values)))
+        logits = pipe.reranker.logits(captions, list(truth))
         retrieval = float(np.mean(np.argmax(logits.T, axis=1) == np.arange(per_split)))
         # Generation, best of `candidates` by the model's CLIP.
         generated = []
@@ -204,7 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", type=Path, default=None, help="PNG of example generations per split")
     args = parser.parse_args(argv)
 
-    from model.pipeline import load_pipeline
+    from model.loading import load_pipeline
 
     pipe = load_pipeline(args.model)
     candidates = args.candidates or pipe.defaults.candidates

@@ -4,6 +4,7 @@ Variations of an image: python -m model.generate --image photo.png --keep-rows 8
 
 Writes a grid PNG (--out) and/or one PNG per image (--out-dir), best CLIP score first, and prints the
 seed so a run can be repeated. --model takes the embedded model (default), "mini", "mega" or a folder.
+Options left out take the model's defaults.
 """
 
 import argparse
@@ -11,20 +12,18 @@ import sys
 from pathlib import Path
 
 from model.errors import CheckpointError, InvalidInputError
+from model.options import Options
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n")[0],
+                                     epilog="Options left out take the model's defaults.")
     parser.add_argument("prompt", nargs="?", default=None,
                         help="what to draw (optional with --image: variations without a prompt)")
     parser.add_argument("--model", default=None, help='embedded model (default), "mini", "mega" or a model folder')
-    parser.add_argument("--num-images", type=int, default=None, help="images to keep (default: the model's, 9)")
-    parser.add_argument("--candidates", type=int, default=None, help="images sampled before CLIP keeps the best")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=None, help="1 = off")
-    parser.add_argument("--condition-scale", type=float, default=None, help="super-conditioning; 1 = off")
+    for knob in Options.knobs().values():
+        parser.add_argument("--" + knob.name.replace("_", "-"), type=knob.kind, default=None,
+                            help=knob.help)
     parser.add_argument("--image", type=Path, default=None,
                         help="make variations of this image: its top --keep-rows rows of codes are kept")
     parser.add_argument("--keep-rows", type=int, default=None, help="code rows of --image to keep (default: half)")
@@ -72,44 +71,32 @@ def main(argv=None) -> int:
 
     from PIL import Image
 
-    from model.pipeline import image_grid, load_pipeline
-    from model.validation import check_number, clean_image, clean_prompt, fit_image
+    from model.loading import load_pipeline
+    from model.pipeline import Progress, check_inputs, image_grid
+    from model.validation import fit_image
 
-    knobs = dict(num_images=args.num_images, candidates=args.candidates, seed=args.seed,
-                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 condition_scale=args.condition_scale)
+    options = {name: getattr(args, name) for name in Options.knobs()}
     # Everything the user typed is checked before the (for the published models, minute-long) load,
     # and the outputs before sampling, so a typo never costs a generation.
     try:
-        for name, value in knobs.items():
-            if value is not None:
-                check_number(name, value)
-        if args.image is None:
-            clean_prompt(args.prompt)
+        inputs = check_inputs(args.prompt, image=args.image and str(args.image), keep_rows=args.keep_rows, **options)
         check_outputs(args.out, args.out_dir)
         pipe = load_pipeline(args.model)
+        request = pipe.complete(inputs)
     except (InvalidInputError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     with tqdm(total=pipe.bart_config.image_length, unit="code", desc="sampling") as bar:
-        def advance(step, total):
-            bar.update(step - bar.n)
-
-        try:
-            if args.image is not None:
-                result = pipe.vary(str(args.image), prompt=args.prompt, keep_rows=args.keep_rows,
-                                   on_progress=advance, **knobs)
+        for item in pipe.run(request):
+            if isinstance(item, Progress):
+                bar.update(item.step - bar.n)
             else:
-                result = pipe.generate(args.prompt, on_progress=advance, **knobs)
-        except InvalidInputError as error:
-            bar.close()
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+                result = item
     if args.out is not None:
         if args.image is not None:
             # A strip: the upload as the model sees it, its VQGAN reconstruction, then the variations.
             size = pipe.vqgan_config.resolution
-            original = Image.fromarray(fit_image(clean_image(str(args.image)), size))
+            original = Image.fromarray(fit_image(request.image, size))
             reconstruction = pipe.decode_codes(pipe.encode_image(original))[0]
             image_grid([original, reconstruction, *result.images], columns=len(result.images) + 2).save(args.out)
         else:

@@ -18,6 +18,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
 
+# Batches are padded up to one of these row counts, so a server compiles a handful of shapes.
+# 9 is here because a 3x3 grid is the product's default.
+ROW_BUCKETS = (1, 2, 4, 8, 9, 12, 16, 24, 32, 48, 64, 96, 128)
+
 # Upstream dalle-mini's rules (model/partitions.py), for the layer-stacked ("scanned") tree: a rule
 # matches a window of the parameter path; layer stacks get an extra leading unsharded axis.
 _DALLE_BART_RULES = (
@@ -48,6 +52,14 @@ def make_mesh(model: int = 1, devices=None) -> Mesh | None:
 def data_size(mesh: Mesh | None) -> int:
     """How many ways rows are split; batches are padded to a multiple of it."""
     return 1 if mesh is None else mesh.shape[DATA]
+
+
+def bucket_rows(rows: int, multiple: int = 1) -> int:
+    """The smallest bucket >= rows that `multiple` (the data-parallel device count) divides."""
+    for size in ROW_BUCKETS:
+        if size >= rows and size % multiple == 0:
+            return size
+    return -(-rows // multiple) * multiple
 
 
 def shard_rows(tree, mesh: Mesh | None, axis_of=None):

@@ -279,12 +279,25 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_clip_tokenizer(folder: str | Path):
-    """A `CLIPTokenizerFast` from a local model folder (never downloads)."""
-    from transformers import CLIPTokenizerFast
+    """The tokenizer of a local CLIP folder (never downloads), of the class its tokenizer_config.json
+    names (CLIPTokenizer for OpenAI's; the embedded model's CLIP reads its own BPE), else
+    CLIPTokenizerFast. Not AutoTokenizer: importing it imports torch wherever torch is installed,
+    and torch stays resident (0.18 GiB)."""
+    import transformers
 
     folder = Path(folder)
     _require_tokenizer_files(folder)
-    return CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    try:
+        named = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object
+        named = None
+    tokenizer_class = getattr(transformers, named, None) if isinstance(named, str) else None
+    if not (isinstance(tokenizer_class, type) and issubclass(tokenizer_class, transformers.PreTrainedTokenizerBase)):
+        tokenizer_class = transformers.CLIPTokenizerFast
+    try:
+        return tokenizer_class.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{folder}: cannot read the CLIP tokenizer ({error}).") from None
 
 
 def clip_tokenize(tokenizer, prompts: Sequence[str], max_length: int = 77) -> tuple[np.ndarray, np.ndarray]:

@@ -1,12 +1,10 @@
-"""Checks of everything a user can pass: prompts, sampling knobs and images, with messages a person can act on.
+"""Checks of the prompts and images a user can pass, with messages a person can act on.
 
-The UI, the API, the CLI and the Python call all go through here (via Pipeline.resolve_parameters and
-clean_prompts), so one bad value gets the same answer everywhere.
+The UI, the API, the CLI and the Python call all go through here (via `Pipeline.request`), so one bad
+value gets the same answer everywhere. The sampling options are checked by model/options.py.
 """
 
 import io
-import math
-import numbers
 import unicodedata
 import warnings
 from pathlib import Path
@@ -18,52 +16,6 @@ from model.errors import InvalidInputError
 
 MAX_PROMPT_CHARS = 500  # far beyond the 64 text tokens the model reads; stops abuse, not users
 MAX_PROMPTS = 16  # prompts in one batched call
-MAX_SEED = 2**31 - 1
-
-# name -> (lowest, highest, kind); one table so the UI's sliders and the checks agree.
-LIMITS = {
-    "num_images": (1, 16, int),
-    "candidates": (1, 64, int),
-    "seed": (0, MAX_SEED, int),
-    "temperature": (0.01, 10.0, float),
-    "top_k": (0, 16384, int),  # 0 = off
-    "top_p": (0.01, 1.0, float),  # 1 = off
-    "condition_scale": (0.0, 50.0, float),  # 1 = no super-conditioning
-}
-
-
-def check_number(name: str, value):
-    """`value` as the int/float that LIMITS says `name` takes, or InvalidInputError."""
-    low, high, kind = LIMITS[name]
-    number = _as_float(name, value, "a whole number" if kind is int else "a number")
-    if not low <= number <= high:  # also infinities
-        raise InvalidInputError(f"{name} must be between {low} and {high}; got {_shown(value)}.")
-    if kind is int:
-        if number != int(number):
-            raise InvalidInputError(f"{name} must be a whole number, not {_shown(value)}.")
-        number = int(number)
-    return number
-
-
-def _as_float(name: str, value, what: str) -> float:
-    """A number or numeric string as a float (NaN refused, huge ints as infinities)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
-        raise InvalidInputError(f"{name} must be {what}, not {type(value).__name__}.")
-    try:
-        number = float(value)
-    except ValueError:
-        raise InvalidInputError(f"{name} must be {what}, not {_shown(value)}.") from None
-    except OverflowError:  # an int beyond any float (JSON allows 10**400): outside every range
-        number = math.inf if value > 0 else -math.inf
-    if math.isnan(number):
-        raise InvalidInputError(f"{name} must be a finite number, not {_shown(value)}.")
-    return number
-
-
-def _shown(value) -> str:
-    """The value as quoted in a message, cut short: a 5,000-digit "number" need not come back whole."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def clean_prompt(prompt) -> str:
@@ -93,14 +45,6 @@ def clean_prompts(prompt) -> tuple[list[str], bool]:
     if len(prompt) > MAX_PROMPTS:
         raise InvalidInputError(f"At most {MAX_PROMPTS} prompts in one call; got {len(prompt)}.")
     return [clean_prompt(p) for p in prompt], False
-
-
-def check_count(name: str, value, low: int, high: int) -> int:
-    """A whole number in [low, high] whose range depends on the model (e.g. keep_rows)."""
-    number = _as_float(name, value, "a whole number")
-    if not low <= number <= high or number != int(number):
-        raise InvalidInputError(f"{name} must be a whole number between {low} and {high}; got {_shown(value)}.")
-    return int(number)
 
 
 # Uploads: big enough to show something, small enough to decode safely (Pillow's own bomb limit is

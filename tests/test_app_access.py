@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from tests.app_server import REPO, AppServer, tiny_app_model
+from support.app_server import REPO, AppServer, tiny_app_model
 
 gradio_client = pytest.importorskip("gradio_client")
 

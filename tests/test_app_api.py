@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.app_server import REPO, AppServer, tiny_app_model
+from support.app_server import REPO, AppServer, tiny_app_model
 
 gradio_client = pytest.importorskip("gradio_client")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.app_server import REPO, AppServer, tiny_app_model
+from support.app_server import REPO, AppServer, tiny_app_model
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -88,20 +88,26 @@ def test_run_shows_nine_distinct_images_with_scores(page, server):
     captions = page.locator("#gallery .caption-label").all_inner_texts()
     assert len(captions) == 9 and all(c.startswith("CLIP ") for c in captions)
     # The seed used is shown in the status line and copied into the seed box under "Advanced".
-    seed = status.split("Seed")[1].split()[0]
     page.get_by_text("Advanced").click()
-    assert page.locator("#seed input").input_value() == seed
+    assert page.locator("#seed input").input_value() == str(_seed(status))
     for box in page.locator("#gallery img").all():
         assert box.is_visible() and box.bounding_box()["height"] > 100  # all nine on screen, not clipped
     page.screenshot(path=str(SCREENSHOTS / "app_browser.png"), full_page=True)
     assert server.alive()
 
 
-def test_enter_runs_with_a_new_random_seed(page):
-    before = page.locator("#status").inner_text()
+def _seed(status: str) -> int:
+    return int(status.split("Seed")[1].split()[0])
+
+
+def test_enter_runs_again_with_a_new_random_seed_and_new_images(page):
     page.locator("#prompt input").fill("two rockets on a black background")
-    after = _run_and_wait(page, lambda: page.locator("#prompt input").press("Enter"))
-    assert after != before
+    first = _run_and_wait(page, lambda: page.locator("#run").click())
+    first_images = _gallery_pixels(page)
+    second = _run_and_wait(page, lambda: page.locator("#prompt input").press("Enter"))
+    second_images = _gallery_pixels(page)
+    assert _seed(first) != _seed(second)  # "randomize seed" is on by default
+    assert {image.tobytes() for image in first_images} != {image.tobytes() for image in second_images}
 
 
 def test_footer_credits_limitations_and_duplicate_button(page):

@@ -20,8 +20,8 @@ from PIL import Image
 
 import app
 from model import sampling
-from model.pipeline import load_pipeline
-from tests.app_server import REPO, AppServer, free_port, server_env, tiny_app_model
+from model.loading import load_pipeline
+from support.app_server import REPO, AppServer, free_port, server_env, tiny_app_model
 
 gradio_client = pytest.importorskip("gradio_client")
 

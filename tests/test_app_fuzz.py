@@ -38,8 +38,9 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from model.validation import LIMITS, MAX_PROMPT_CHARS
-from tests.app_server import AppServer, tiny_app_model
+from model.options import Options
+from model.validation import MAX_PROMPT_CHARS
+from support.app_server import AppServer, tiny_app_model
 
 BATCHES = 55  # Hypothesis examples, each a batch of BATCH_SIZE calls run THREADS at a time
 BATCH_SIZE = 20
@@ -47,8 +48,8 @@ THREADS = 4
 MIN_CALLS = 1000
 # Generous: a call may wait in the queue behind THREADS - 1 others, each maybe compiling a new shape.
 CALL_TIMEOUT_S = 120
-MODEL = "tiny"  # the name tests.tiny gives its pipeline: the only model served here
-KEEP_ROWS = 4  # rows of image tokens in tests.tiny's 16-pixel images
+MODEL = "tiny"  # the name support.tiny gives its pipeline: the only model served here
+KEEP_ROWS = 4  # rows of image tokens in support.tiny's 16-pixel images
 MAX_BATCH_PROMPTS = 8  # app.py's default --max-batch-prompts
 FILE_META = {"_type": "gradio.FileData"}  # what marks a dict as a file reference in Gradio's API
 REFERENCE = re.compile(r"reference [0-9a-f]{8}")  # app.user_errors' tag on an unexpected exception
@@ -122,14 +123,14 @@ WRONG_KINDS = [None, True, math.nan, math.inf, -math.inf, 10**400, "7", "seven",
 
 
 def in_range(name):
-    """A knob's valid values: None (the model's default) or a number of its kind in its LIMITS range."""
-    low, high, kind = LIMITS[name]
-    return st.none() | (st.integers(low, high) if kind is int else st.floats(low, high))
+    """An option's valid values: None (the model's default) or a number of its kind in its range."""
+    knob = Options.knobs()[name]
+    return st.none() | (st.integers(knob.low, knob.high) if knob.kind is int else st.floats(knob.low, knob.high))
 
 
 def valid_inputs(images: Images) -> dict:
     return {
-        **{name: in_range(name) for name in LIMITS},
+        **{name: in_range(name) for name in Options.knobs()},
         "prompt": PROMPTS,
         "prompts": st.lists(PROMPTS, min_size=1, max_size=3),
         "image": st.just(images.uploaded),
@@ -149,7 +150,7 @@ def targeted_inputs(images: Images) -> dict:
     """Hostile values aimed at each parameter."""
     prompt = "a small red apple"
     return {
-        **{name: edges(low, high) for name, (low, high, _) in LIMITS.items()},
+        **{name: edges(knob.low, knob.high) for name, knob in Options.knobs().items()},
         "prompt": ODD_STRINGS,
         "prompts": [[], [[prompt]], prompt, [prompt] * (MAX_BATCH_PROMPTS + 1), [prompt, None], ["\ud800"]],
         "image": images.foreign + images.malformed,

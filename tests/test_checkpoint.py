@@ -9,8 +9,9 @@ import pytest
 from flax import serialization, traverse_util
 
 from model import checkpoint
+from model.bart import DalleBartConfig
 from model.errors import CheckpointError, UnsupportedOptionError
-from tests.tiny import write_tiny_pipeline
+from support.tiny import write_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,8 @@ def test_unscanned_dalle_bart_layers_are_stacked(folder, tmp_path):
 
 
 def test_param_shapes_without_allocation():
-    shapes = checkpoint.dalle_bart_param_shapes({"d_model": 1024, "encoder_layers": 12, "decoder_layers": 12,
-                                                 "encoder_ffn_dim": 2730, "decoder_ffn_dim": 2730})
+    shapes = checkpoint.dalle_bart_param_shapes(DalleBartConfig.mini().to_dict())
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(shapes))
     assert sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)) == 437_833_712
 
 

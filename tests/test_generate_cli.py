@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.tiny import write_tiny_pipeline
+from support.tiny import write_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from model import sampling
-from model.pipeline import GenerationResult, Preview, Progress, load_pipeline
-from tests.tiny import write_tiny_pipeline
+from model.errors import InvalidInputError
+from model.loading import load_pipeline
+from model.pipeline import GenerationResult, Progress, check_inputs
+from support.tiny import write_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -61,31 +63,55 @@ def test_list_of_prompts_is_one_batch_with_the_same_images(pipe):
         np.testing.assert_allclose(result.scores, alone.scores, rtol=1e-5)
 
 
-def test_stream_yields_previews_then_the_result(pipe, monkeypatch):
+def test_stream_yields_progress_with_previews_then_the_result(pipe, monkeypatch):
     monkeypatch.setattr("model.pipeline.CHUNK_STEPS", 4)
-    items = list(pipe.generate_stream("a small red apple", num_images=2, seed=1, preview_every=8))
-    previews, final = items[:-1], items[-1]
-    assert [p.step for p in previews] == [8]
-    assert all(isinstance(p, Preview) and len(p.images[0]) == 2 for p in previews)
+    items = list(pipe.stream("a small red apple", num_images=2, seed=1, preview_every=8))
+    progress, final = items[:-1], items[-1]
+    assert all(isinstance(p, Progress) and p.total == 16 for p in progress) and isinstance(final, GenerationResult)
+    assert [(p.step, p.images is not None) for p in progress] == [(4, False), (8, True), (12, False), (16, False)]
     # 8 of 16 codes: the top two of four token rows are decoded, the rest is blank.
-    top = np.asarray(previews[0].images[0][0])
+    preview = progress[1].images
+    assert len(preview) == 1 and len(preview[0]) == 2
+    top = np.asarray(preview[0][0])
     assert (top[8:] == 255).all() and not (top[:8] == 255).all()
     np.testing.assert_array_equal(final.codes, pipe.generate("a small red apple", num_images=2, seed=1).codes)
 
 
-def test_stream_yields_progress_per_chunk_and_closing_it_stops_sampling(pipe, monkeypatch):
+def test_closing_the_stream_stops_sampling(pipe, monkeypatch):
     monkeypatch.setattr("model.pipeline.CHUNK_STEPS", 4)
-    items = list(pipe.generate_stream("a small red apple", num_images=2, seed=1, preview_every=8, yield_progress=True))
-    assert [(type(i).__name__, i.step) for i in items[:-1]] == [("Progress", 4), ("Preview", 8), ("Progress", 12)]
-    assert all(i.total == 16 for i in items[:-1]) and isinstance(items[-1], GenerationResult)
-
     chunks = []
     original = sampling.sample_codes_chunk
     monkeypatch.setattr(sampling, "sample_codes_chunk", lambda *a, **k: chunks.append(1) or original(*a, **k))
-    stream = pipe.generate_stream("a small red apple", num_images=2, seed=1, preview_every=None, yield_progress=True)
+    stream = pipe.stream("a small red apple", num_images=2, seed=1)
     assert isinstance(next(stream), Progress)
     stream.close()  # what the app does when its client goes away
     assert len(chunks) == 1
+
+
+def test_request_fills_defaults_and_draws_a_seed_once(pipe):
+    request = pipe.request("a fox", num_images=3, top_k="5")
+    assert request.options.num_images == 3 and request.options.top_k == 5  # checked and converted
+    assert request.options.candidates == pipe.defaults.candidates and request.options.top_p == pipe.defaults.top_p
+    assert isinstance(request.options.seed, int)
+    *_, result = pipe.run(request)
+    assert result.seed == request.options.seed and result.parameters == request.options.to_dict()
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"prompt": "a fox", "top_k": -1}, "top_k must be between 0 and 16384"),
+    ({"prompt": "a fox", "colour": "red"}, "Unknown option 'colour'"),
+    ({"prompt": "a fox", "keep_rows": 2}, "keep_rows applies to variations"),
+    ({"prompt": ["a fox"] * 17}, "At most 16 prompts"),
+    ({"prompt": "   "}, "Please enter a prompt"),
+])
+def test_inputs_are_refused_before_any_model(inputs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        check_inputs(**inputs)
+
+
+def test_too_many_rows_for_the_model_are_refused(pipe):
+    with pytest.raises(InvalidInputError, match="at most 128"):
+        pipe.request(["a fox"] * 3, candidates=64)
 
 
 def test_changing_knobs_and_seed_never_recompiles(pipe):
@@ -114,6 +140,6 @@ def test_condition_scale_one_skips_guidance_and_differs(pipe):
 def test_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):
     from model.errors import CheckpointError
 
-    monkeypatch.setattr("model.pipeline.EMBEDDED_MODEL", tmp_path / "emoji")
+    monkeypatch.setattr("model.loading.EMBEDDED_MODEL", tmp_path / "emoji")
     with pytest.raises(CheckpointError, match="embedded model is missing"):
         load_pipeline()

@@ -1,4 +1,5 @@
-"""Several devices give the same images as one (4 forced CPU devices, in a subprocess)."""
+"""Several devices give the same images as one, with rows and weights really spread over them (4 forced
+CPU devices, in a subprocess: tests/multi_device_check.py)."""
 
 import json
 import subprocess
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from model.bart import DalleBartConfig
 from model.sharding import dalle_bart_partition_specs
-from tests.tiny import write_tiny_pipeline
+from support.tiny import write_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,27 +24,29 @@ def report(tmp_path_factory):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_four_devices_are_used(report):
-    assert report["devices"] == 4
+def test_data_parallel_splits_rows_four_ways_and_gives_the_same_images(report):
+    data = report["data"]
+    assert data["row_pieces"] == [4], "every array placed for a call must have its rows split over the 4 devices"
+    assert data["decoder_matrix_split"] == 1.0  # weights replicated: each device holds all of them
+    assert data["codes_equal"] and data["pixels_equal"]
+    assert data["score_diff"] < 1e-4
 
 
-def test_data_parallel_gives_the_same_images(report):
-    assert report["data"]["codes_equal"] and report["data"]["pixels_equal"]
-    assert report["data"]["score_diff"] < 1e-4
-
-
-def test_model_parallel_matches_the_unsharded_run(report):
+def test_model_parallel_halves_the_weights_and_matches_the_unsharded_run(report):
+    both = report["data_model"]
+    assert both["row_pieces"] == [2]  # 2 data groups of 2 devices
+    # Each device of a model pair holds half of every decoder matrix the pipeline samples with.
+    assert both["decoder_matrix_split"] == 0.5
+    assert report["split_attention_kernel_split"] == 0.5
     assert report["model_parallel_logits_rel_err"] < 1e-5
-    assert report["data_model"]["codes_equal"]
-    assert report["data_model"]["score_diff"] < 1e-4
-    assert "model" in report["sharded_param_example"]
+    assert both["codes_equal"]
+    assert both["score_diff"] < 1e-4
 
 
 def test_partition_rules_cover_the_published_tree():
     from model.checkpoint import dalle_bart_param_shapes
 
-    specs = dalle_bart_partition_specs(dalle_bart_param_shapes({"d_model": 1024, "encoder_ffn_dim": 2730,
-                                                                "decoder_ffn_dim": 2730}))
+    specs = dalle_bart_partition_specs(dalle_bart_param_shapes(DalleBartConfig.mini().to_dict()))
     layers = specs["model"]["decoder"]["layers"]["FlaxBartDecoderLayers"]
     assert tuple(layers["FlaxBartAttention_0"]["q_proj"]["kernel"]) == (None, None, "model")
     assert tuple(layers["GLU_0"]["Dense_2"]["kernel"]) == (None, "model", None)

@@ -366,7 +366,7 @@ def test_data_parallel_on_four_cpu_devices_matches_one(tmp_path, straight_run, s
 
 
 def test_stages_assemble_into_a_pipeline(tmp_path, vqgan_run, bart_run, clip_run):
-    from model.pipeline import load_pipeline
+    from model.loading import load_pipeline
 
     folder = assemble(vqgan_run / "model", bart_run / "model", clip_run / "model", tmp_path / "emoji")
     info = json.loads((folder / "pipeline.json").read_text())

@@ -6,8 +6,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from model.errors import InvalidInputError
-from model.pipeline import Pipeline
-from model.validation import LIMITS, MAX_PROMPT_CHARS, check_number, clean_prompt, clean_prompts
+from model.options import Options
+from model.validation import MAX_PROMPT_CHARS, clean_prompt, clean_prompts
+
+KNOBS = Options.knobs()
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -21,7 +23,6 @@ from model.validation import LIMITS, MAX_PROMPT_CHARS, check_number, clean_promp
     ("top_p", 0, "between 0.01 and 1.0"),
     ("top_p", 1.5, "between 0.01 and 1.0"),
     ("condition_scale", float("inf"), "between 0.0 and 50.0"),
-    ("temperature", float("nan"), "finite"),
     ("num_images", 10**400, "between 1 and 16"),  # beyond any float
     ("seed", -(10**400), "between 0"),
     ("num_images", 1.5, "whole number"),
@@ -32,19 +33,19 @@ from model.validation import LIMITS, MAX_PROMPT_CHARS, check_number, clean_promp
 ])
 def test_bad_numbers_are_refused_by_name(name, value, message):
     with pytest.raises(InvalidInputError, match=message) as error:
-        check_number(name, value)
+        KNOBS[name].check(value)
     assert name in str(error.value)
 
 
 def test_a_huge_bad_value_is_not_echoed_whole():
     with pytest.raises(InvalidInputError, match="top_k must be") as error:
-        check_number("top_k", "9" * 5000 + "x")
+        KNOBS["top_k"].check("9" * 5000 + "x")
     assert len(str(error.value)) < 120
 
 
 def test_good_numbers_come_back_typed():
-    assert check_number("num_images", "9") == 9 and isinstance(check_number("num_images", 9.0), int)
-    assert check_number("temperature", "0.5") == 0.5
+    assert KNOBS["num_images"].check("9") == 9 and isinstance(KNOBS["num_images"].check(9.0), int)
+    assert KNOBS["temperature"].check("0.5") == 0.5
 
 
 @pytest.mark.parametrize("prompt, message", [
@@ -72,8 +73,9 @@ def test_prompt_lists():
         clean_prompts(["a"] * 17)
 
 
-class _Defaults:
-    num_images, candidates, temperature, top_k, top_p, condition_scale = 9, 9, 1.0, 50, 1.0, 10.0
+def test_unknown_options_are_named():
+    with pytest.raises(InvalidInputError, match="Unknown option 'topk'; the options are num_images, "):
+        Options().updated(topk=5)
 
 
 anything = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
@@ -81,16 +83,23 @@ anything = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.fl
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.fixed_dictionaries({name: anything for name in LIMITS}))
-def test_resolve_parameters_accepts_or_explains(knobs):
-    pipe = Pipeline.__new__(Pipeline)  # the checks need only the defaults
-    pipe.defaults = _Defaults
+@given(st.fixed_dictionaries({name: anything for name in KNOBS}))
+def test_options_accept_or_explain(given_values):
+    """Any values: either every option comes back in range, or the error names an option that was
+    given a value it refuses on its own, and says what that option takes."""
     try:
-        resolved = pipe.resolve_parameters(**knobs)
+        resolved = Options().updated(**given_values).resolved()
     except InvalidInputError as error:
-        assert str(error)
+        message = str(error)
+        name = message.split(" ", 1)[0]
+        assert name in given_values and given_values[name] is not None, message
+        with pytest.raises(InvalidInputError) as alone:
+            KNOBS[name].check(given_values[name])
+        assert str(alone.value) == message
+        assert message.startswith(f"{name} must be "), message
         return
-    for name, (low, high, kind) in LIMITS.items():
-        assert isinstance(resolved[name], kind) and low <= resolved[name] <= high
-        assert not (isinstance(resolved[name], float) and math.isnan(resolved[name]))
-    assert resolved["candidates"] >= resolved["num_images"]
+    for name, knob in KNOBS.items():
+        value = getattr(resolved, name)
+        assert isinstance(value, knob.kind) and knob.low <= value <= knob.high
+        assert not (isinstance(value, float) and math.isnan(value))
+    assert resolved.candidates >= resolved.num_images

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from model.errors import InvalidInputError
-from model.pipeline import load_pipeline
-from tests.tiny import write_tiny_pipeline
+from model.loading import load_pipeline
+from support.tiny import write_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

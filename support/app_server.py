@@ -1,5 +1,5 @@
-"""Helpers for the live-server tests: a tiny model folder for the app and `python app.py` as a real
-subprocess on loopback, stopped (and its log shown on failure) by the caller's fixture finalizer."""
+"""The live app for the server tests and the load benchmark: a tiny model folder for the app and
+`python app.py` as a real subprocess on loopback, stopped (and its log shown on failure) by the caller."""
 
 import json
 import os
@@ -38,7 +38,7 @@ def tiny_app_model(base: Path) -> Path:
         return folder
     defaults = {"num_images": 9, "candidates": 9, "condition_scale": 3.0, "top_k": 8}
     code = (
-        "import json, sys; from pathlib import Path; from tests.tiny import write_tiny_pipeline\n"
+        "import json, sys; from pathlib import Path; from support.tiny import write_tiny_pipeline\n"
         "folder = write_tiny_pipeline(Path(sys.argv[1]), defaults=json.loads(sys.argv[2]))\n"
         "info = json.loads((folder / 'pipeline.json').read_text()); info.update(json.loads(sys.argv[3]))\n"
         "(folder / 'pipeline.json').write_text(json.dumps(info))\n"

@@ -1,0 +1,291 @@
+"""The Space's request handlers, shared by the page and the API of app.py (no model math here).
+
+Every handler goes through `Space.serve`: check the request once (`check_inputs`, then
+`Pipeline.complete` with the model's defaults), take the model's slot, stream the sampling, write
+PNGs, answer. The API handlers answer (PNG files, JSON record); the page handlers stream previews
+into a gallery. Every failure becomes a `gr.Error` with a message for people (`user_errors`).
+"""
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import os
+import secrets
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import gradio as gr
+from PIL import PngImagePlugin
+
+from model.clip_rank import SCORE_LABELS
+from model.errors import CheckpointError, InvalidInputError
+from model.loading import load_pipeline
+from model.options import Options
+from model.pipeline import Progress, check_inputs
+
+EXAMPLE_SEED = 0  # cached examples are reproducible
+
+
+# -------------------------------------------------------------------------------------------------
+# Errors
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turns the library's InvalidInputError into the gr.Error the page shows and the API returns, and
+    any other failure into a short message with a reference to the traceback in the server's log: the
+    request fails alone, its caller learns nothing about the server's internals, the server goes on."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except InvalidInputError as error:
+        raise gr.Error(str(error)) from None
+    except Exception:
+        reference = secrets.token_hex(4)
+        print(f"Request failed (reference {reference}):\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        raise gr.Error(f"Something went wrong on the server while making these images (reference {reference}). "
+                       "Please try again.") from None
+
+
+def handler(fn):
+    """A request handler (plain or generator) whose every failure goes through `user_errors`."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            with user_errors():
+                yield from fn(*args, **kwargs)
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with user_errors():
+            return fn(*args, **kwargs)
+    return call
+
+
+# -------------------------------------------------------------------------------------------------
+# Models
+
+
+class Models:
+    """The served models by name: the primary one is loaded at start-up, the others on first use.
+
+    Each model runs at most `concurrency` requests at a time; the queue's limit for the generating
+    events is that times the number of models, so a slow model does not block the others.
+    """
+
+    def __init__(self, primary, others, concurrency: int):
+        self.primary = primary.name
+        self.names = [primary.name] + [name for name in others if name != primary.name]
+        self.concurrency = concurrency
+        self._pipes = {primary.name: primary}
+        self._load_locks = {name: threading.Lock() for name in self.names}
+        self._slots = {name: threading.BoundedSemaphore(concurrency) for name in self.names}
+
+    def get(self, name):
+        """The pipeline, loaded now if needed; a gr.Error when it cannot be."""
+        # Gradio's Dropdown lets a list of valid choices through even without multiselect.
+        if not isinstance(name, str) or name not in self._load_locks:
+            raise gr.Error(f"model must be one of {self.names}, got {name!r}.")
+        with self._load_locks[name]:
+            if name not in self._pipes:
+                print(f"Loading model {name!r} on first use ...", flush=True)
+                try:
+                    self._pipes[name] = load_pipeline(name, compilation_cache=False)
+                except CheckpointError as error:
+                    raise gr.Error(f"Model {name!r} is not available here: {error}") from None
+            return self._pipes[name]
+
+    def defaults(self, name) -> Options:
+        """A model's options without loading it: published presets use upstream's (`Options()`)."""
+        pipe = self._pipes.get(name)
+        return pipe.defaults if pipe is not None else Options()
+
+    def slot(self, name):
+        return self._slots[name]
+
+
+# -------------------------------------------------------------------------------------------------
+# The serve path
+
+
+@dataclasses.dataclass
+class Answer:
+    """A served request: its results (one per prompt), their PNG files, and the time it took."""
+
+    model: str
+    results: list
+    files: list  # per result, the paths of its PNGs, best first
+    seconds: float
+
+
+class Space:
+    """Request handlers shared by the page and the API. Every image goes out as a PNG file written
+    here under a fresh name and renamed into place, so no client can read a half-written file and
+    concurrent identical requests never share one."""
+
+    def __init__(self, models: Models, max_batch_prompts: int, outputs: Path):
+        self.models = models
+        self.max_batch_prompts = max_batch_prompts
+        self.outputs = outputs
+        outputs.mkdir(parents=True, exist_ok=True)
+        primary = models.get(models.primary)
+        self.info = primary.info
+        # Previews at a quarter, half and three quarters of the image tokens.
+        self.preview_every = max(1, primary.bart_config.image_length // 4)
+        self.latent_size = primary.vqgan_config.latent_size  # rows of image tokens (keep_rows range)
+
+    def serve(self, model, preview_every=None, **inputs):
+        """The one path of every request: yields `Progress` while sampling (a point where Gradio may
+        stop a cancelled request, freeing the slot at once), then the `Answer`."""
+        checked = check_inputs(**inputs)  # before the model: a typo never waits for a load
+        model = model or self.models.primary
+        pipe = self.models.get(model)
+        request = pipe.complete(checked)
+        start = time.perf_counter()
+        with self.models.slot(model):
+            for item in pipe.run(request, preview_every):
+                if isinstance(item, Progress):
+                    yield item
+                else:
+                    results = item if isinstance(item, list) else [item]
+        files = [self._write_pngs(r.images, {"prompt": r.prompt, "model": model, "seed": str(r.seed)})
+                 for r in results]
+        yield Answer(model, results, files, time.perf_counter() - start)
+
+    # API --------------------------------------------------------------------------------------
+
+    @handler
+    def generate(self, prompt, num_images=None, seed=None, temperature=None, top_k=None, top_p=None,
+                 condition_scale=None, candidates=None, model=None):
+        """Images for one prompt as PNG files, best CLIP score first, and a JSON record
+        {model, prompt, seed, scores, score_kind, parameters, files}. Empty options take the model's
+        defaults; an empty seed draws a random one, reported in the record."""
+        if not isinstance(prompt, str):
+            raise gr.Error("prompt must be text for /generate; send a list of prompts to /generate_batch.")
+        answer = yield from self._api(model, prompt=prompt, num_images=num_images, seed=seed,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      condition_scale=condition_scale, candidates=candidates)
+        yield answer.files[0], _record(answer.results[0], answer.model, answer.files[0])
+
+    @handler
+    def generate_batch(self, prompt, num_images=None, seed=None, temperature=None, top_k=None, top_p=None,
+                       condition_scale=None, candidates=None, model=None):
+        """Several prompts sampled as one batch with the same options and seed. Returns every image as
+        PNG files (prompt by prompt, each best first) and a JSON record {model, seed, parameters,
+        results: [{prompt, scores, files}]}."""
+        if not isinstance(prompt, list) or not prompt:
+            raise gr.Error("prompt must be a non-empty list of prompts for /generate_batch.")
+        if len(prompt) > self.max_batch_prompts:
+            raise gr.Error(f"at most {self.max_batch_prompts} prompts per batch, got {len(prompt)}.")
+        answer = yield from self._api(model, prompt=prompt, num_images=num_images, seed=seed,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      condition_scale=condition_scale, candidates=candidates)
+        first = answer.results[0]
+        yield [path for paths in answer.files for path in paths], {
+            "model": answer.model, "seed": first.seed, "parameters": first.parameters, "score_kind": first.score_kind,
+            "results": [{"prompt": r.prompt, "scores": r.scores, "files": [Path(p).name for p in paths]}
+                        for r, paths in zip(answer.results, answer.files)]}
+
+    @handler
+    def variations(self, image, prompt=None, keep_rows=None, num_images=None, seed=None, temperature=None,
+                   top_k=None, top_p=None, condition_scale=None, candidates=None, model=None):
+        """Variations of an uploaded image: its top `keep_rows` rows of image tokens kept exactly, the
+        rest sampled (following `prompt` when given); PNG files best first and a JSON record."""
+        if not image:
+            raise gr.Error("image is missing: upload a PNG or JPEG file.")
+        answer = yield from self._api(model, image=image, prompt=prompt or None, keep_rows=keep_rows,
+                                      num_images=num_images, seed=seed, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, condition_scale=condition_scale, candidates=candidates)
+        yield answer.files[0], _record(answer.results[0], answer.model, answer.files[0])
+
+    def _api(self, model, **inputs):
+        """`serve` for the API: "no change" to both outputs after every chunk; returns the Answer."""
+        for item in self.serve(model, **inputs):
+            if isinstance(item, Progress):
+                yield gr.skip(), gr.skip()
+            else:
+                return item
+
+    # Page -------------------------------------------------------------------------------------
+
+    @handler
+    def run(self, prompt, model, num_images, candidates, seed, randomize, temperature, top_k, top_p,
+            condition_scale, progress=gr.Progress()):
+        """The Run button: previews while sampling, then the images with their scores as captions."""
+        yield from self._page(model, progress, prompt=prompt, num_images=num_images, candidates=candidates,
+                              seed=None if randomize else seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                              condition_scale=condition_scale)
+
+    @handler
+    def vary_page(self, image, prompt, keep_rows, model, num_images, candidates, seed, randomize, temperature,
+                  top_k, top_p, condition_scale, progress=gr.Progress()):
+        """The Variations tab: the upload's top rows kept, the rest sampled (following the prompt if any)."""
+        if not image:
+            raise gr.Error("Upload an image first.")
+        yield from self._page(model, progress, image=image, prompt=prompt or None, keep_rows=keep_rows,
+                              num_images=num_images, candidates=candidates, seed=None if randomize else seed,
+                              temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale)
+
+    @handler
+    def run_example(self, prompt):
+        """An example prompt on the primary model with its defaults and a fixed seed (cached lazily)."""
+        for item in self.serve(None, prompt=prompt, seed=EXAMPLE_SEED):
+            answer = item
+        return _page_outputs(answer)
+
+    def _page(self, model, progress, **inputs):
+        """`serve` for the page: a progress bar and previews in the gallery, then the scored images."""
+        progress(0.0, desc="Sampling image tokens")
+        for item in self.serve(model, self.preview_every, **inputs):
+            if not isinstance(item, Progress):
+                yield _page_outputs(item)
+                return
+            progress(item.step / item.total, desc=f"Sampling image tokens {item.step}/{item.total}")
+            if item.images is None:
+                yield gr.skip(), gr.skip(), gr.skip()
+            else:
+                paths = self._write_pngs(item.images[0], {"preview": str(item.step)})
+                yield ([(p, f"{item.step}/{item.total} tokens") for p in paths], gr.skip(),
+                       f"Sampling image tokens: {item.step} of {item.total} ...")
+
+    @handler
+    def model_defaults(self, model):
+        """The sliders for a model's defaults when the model choice changes (nothing is loaded)."""
+        d = self.models.defaults(model)
+        return d.num_images, d.candidates, d.temperature, d.top_k, d.top_p, d.condition_scale
+
+    def _write_pngs(self, images, text: dict) -> list[str]:
+        """PNG files under fresh names, each written beside its final name and renamed into place."""
+        metadata = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            metadata.add_itxt(key, value)
+        stem = secrets.token_hex(8)
+        paths = []
+        for index, image in enumerate(images):
+            final = self.outputs / f"{stem}-{index + 1}.png"
+            partial = self.outputs / f".{stem}-{index + 1}.partial"
+            image.save(partial, format="PNG", pnginfo=metadata)
+            os.replace(partial, final)
+            paths.append(str(final))
+        return paths
+
+
+def _page_outputs(answer: Answer):
+    """(gallery with labelled scores, the seed used, the status line) of a finished request."""
+    result, paths = answer.results[0], answer.files[0]
+    label = SCORE_LABELS[result.score_kind]
+    gallery = [(path, f"{label} {score:.2f}") for path, score in zip(paths, result.scores)]
+    status = (f"Seed **{result.seed}** · model `{answer.model}` · {len(paths)} images from "
+              f"{result.parameters['candidates']} candidates in {answer.seconds:.1f} s")
+    return gallery, result.seed, status
+
+
+def _record(result, model, paths) -> dict:
+    return {"model": model, "prompt": result.prompt, "seed": result.seed, "scores": result.scores,
+            "score_kind": result.score_kind, "parameters": result.parameters, "files": [Path(p).name for p in paths]}
