@@ -18,8 +18,14 @@ layout, the API's wiring and the command line. Why a separate batched endpoint r
 fails every request of a batch when one raises.
 """
 
-import argparse
 import os
+
+# Before transformers is imported (through model/): its start-up notice that PyTorch is missing reads
+# like a failure, and this app needs no PyTorch.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import argparse  # noqa: E402
 import shutil
 import signal
 import sys
@@ -44,13 +50,22 @@ CREDITS = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0."
 MAX_UPLOAD = "10mb"  # uploads (variations) beyond this are refused by the server before they reach the model
 # Generated files live in Gradio's cache folder and are deleted this long after they were written.
 OUTPUT_TTL_S = 3600
+# The whole 3x3 grid fits a 1280x800 screen under the prompt: the gallery is at most 410 px wide.
+# Small images (the embedded model's are 64 px) are enlarged without smoothing.
 CSS = """
 .gradio-container {max-width: 980px !important; margin: 0 auto !important}
-#title {text-align: center}
+#title {text-align: center; font-size: 0.9em}
+#title h1 {margin: 0 0 0.2em 0}
 #duplicate {margin: 0 auto}
+.results {max-width: 410px; margin: 0 auto !important}
 .results img {image-rendering: pixelated}
 .results .grid-wrap {max-height: none; overflow-y: auto}  /* grow with the grid: all images visible */
-#footer {font-size: 0.85em; opacity: 0.85}
+#understands, #footer {font-size: 0.8em; opacity: 0.85}
+#prompt-row {flex-wrap: nowrap}
+/* A phone: no captions over small tiles, narrower margins so the grid never scrolls sideways
+   (Gradio prefixes these selectors with its container's class). */
+@media (max-width: 600px) {.results .caption-label {display: none} #run {min-width: 64px !important}
+  .main {padding-left: 8px !important; padding-right: 8px !important}}
 """
 
 
@@ -74,11 +89,22 @@ def _footer(info: dict) -> str:
 
 
 def _results(prefix: str):
-    """A tab's own status line and gallery, so each tab keeps its own results."""
+    """A tab's own status line, gallery and grid download, so each tab keeps its own results."""
     status = gr.Markdown("", elem_id=f"{prefix}status")
     gallery = gr.Gallery(show_label=False, columns=3, height="auto", format="png", object_fit="contain",
                          preview=False, allow_preview=True, elem_id=f"{prefix}gallery", elem_classes="results")
-    return status, gallery
+    download = gr.DownloadButton("Download the grid (PNG)", visible=False, size="sm", elem_id=f"{prefix}download")
+    return status, gallery, download
+
+
+def _number(name: str, whole: bool, help: str = "") -> gr.Number:
+    """An API number input. precision=None always: Gradio would round 1.5 to 2 before model.options
+    could refuse it; whole numbers are documented as integers instead (an instance's api_info, since
+    a gr.Number subclass makes Gradio write a .pyi stub beside this file)."""
+    number = gr.Number(None, label=name, info=help)
+    if whole:
+        number.api_info = lambda: {"type": "integer"}
+    return number
 
 
 def build_demo(space: Space) -> gr.Blocks:
@@ -93,11 +119,14 @@ def build_demo(space: Space) -> gr.Blocks:
             gr.DuplicateButton(elem_id="duplicate")
         with gr.Tabs():
             with gr.Tab("Text to image", elem_id="text-tab"):
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=True, elem_id="prompt-row"):
                     prompt = gr.Textbox(show_label=False, placeholder="What do you want to see?", max_lines=1,
                                         scale=5, autofocus=True, elem_id="prompt", container=False)
-                    run = gr.Button("Run", variant="primary", scale=1, min_width=100, elem_id="run")
-                status, gallery = _results("")
+                    run = gr.Button("Run", variant="primary", scale=1, min_width=70, elem_id="run")
+                understands = space.info.get("understands")
+                if understands:
+                    gr.Markdown(understands, elem_id="understands")
+                status, gallery, download = _results("")
             with gr.Tab("Variations", elem_id="variations-tab"):
                 with gr.Row():
                     upload = gr.Image(type="filepath", label="image", sources=["upload", "clipboard"], height=200,
@@ -109,9 +138,10 @@ def build_demo(space: Space) -> gr.Blocks:
                         keep_rows = gr.Slider(0, side, value=side // 2, step=1, elem_id="keep-rows",
                                               label=f"keep_rows (rows of image tokens kept, of {side})")
                         vary = gr.Button("Make variations", variant="primary", elem_id="vary")
-                vary_status, vary_gallery = _results("vary-")
+                vary_status, vary_gallery, vary_download = _results("vary-")
         with gr.Accordion("Advanced", open=False):
-            model = gr.Dropdown(models.names, value=models.primary, label="model", elem_id="model",
+            model = gr.Dropdown([(models.label(name), name) for name in models.names], value=models.primary,
+                                label="model", elem_id="model",
                                 info="Models other than the first load on first use.")
             with gr.Row():
                 num_images = _slider(knobs["num_images"], defaults.num_images)
@@ -128,15 +158,18 @@ def build_demo(space: Space) -> gr.Blocks:
                 condition_scale = _slider(knobs["condition_scale"], defaults.condition_scale)
         examples = [[text] for text in space.info.get("examples", [])]
         if examples:
+            # Not the download button: Gradio 6.31 fails to cache an example that updates one.
             gr.Examples(examples, inputs=[prompt], outputs=[gallery, seed, status], fn=space.run_example,
                         cache_examples=True, cache_mode="lazy", api_visibility="private", elem_id="examples")
-        gr.Markdown(_footer(space.info), elem_id="footer")
+        gr.Markdown(_footer(space.info) + f" Weights in {space.dtype}.", elem_id="footer")
 
         options = [num_images, candidates, seed, randomize, temperature, top_k, top_p, condition_scale]
         gr.on([run.click, prompt.submit], space.run, inputs=[prompt, model, *options],
-              outputs=[gallery, seed, status], show_progress_on=[status], api_visibility="private", **generating)
+              outputs=[gallery, seed, status, download], show_progress_on=[status], api_visibility="private",
+              **generating)
         gr.on([vary.click, vary_prompt.submit], space.vary_page, inputs=[upload, vary_prompt, keep_rows, model, *options],
-              outputs=[vary_gallery, seed, vary_status], show_progress_on=[vary_status], api_visibility="private",
+              outputs=[vary_gallery, seed, vary_status, vary_download], show_progress_on=[vary_status],
+              api_visibility="private",
               **generating)
         model.change(space.model_defaults, model, [num_images, candidates, temperature, top_k, top_p, condition_scale],
                      queue=False, show_progress="hidden", api_visibility="private")
@@ -145,9 +178,7 @@ def build_demo(space: Space) -> gr.Blocks:
         # positional order of model.options.Options.
         with gr.Column(visible=False):
             api_model = gr.Dropdown(models.names, value=models.primary, label="model")
-            # precision=None for every number: Gradio would round 1.5 to 2 (and True to 1) before
-            # model.options could refuse a fraction for a whole-number option.
-            api_options = [gr.Number(None, label=name) for name in knobs]
+            api_options = [_number(k.name, k.kind is int, k.help) for k in knobs.values()]
             api_files = gr.File(file_count="multiple", label="images")
             api_record = gr.JSON(label="record")
             gr.Button().click(space.generate, [gr.Textbox(label="prompt"), *api_options, api_model],
@@ -158,7 +189,7 @@ def build_demo(space: Space) -> gr.Blocks:
             # checks exactly what was sent: animations, CMYK, sizes.
             gr.Button().click(space.variations,
                               [gr.File(label="image", type="filepath"), gr.Textbox(label="prompt"),
-                               gr.Number(None, label="keep_rows"), *api_options, api_model],
+                               _number("keep_rows", True, "rows of image tokens kept from the top"), *api_options, api_model],
                               [api_files, api_record], api_name="variations", **generating)
     return demo
 
@@ -184,6 +215,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "[env DALLE_MODEL]")
     parser.add_argument("--hub-models", default=env("DALLE_HUB_MODELS", "mini,mega"),
                         help="comma-separated further choices, loaded on first use [env DALLE_HUB_MODELS]")
+    parser.add_argument("--dtype", default=env("DALLE_DTYPE"), choices=["float32", "bfloat16", "float16"],
+                        help="weights' precision; default: float32 on CPU, bfloat16 or float16 on accelerators "
+                             "[env DALLE_DTYPE]")
     parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to listen on [env GRADIO_SERVER_NAME]")
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")),
@@ -211,13 +245,13 @@ def main(argv=None):
         enable_compilation_cache(args.compile_cache)
     try:
         print(f"Loading model {args.model or 'embedded'} ...", flush=True)
-        primary = load_pipeline(args.model, compilation_cache=False)
+        primary = load_pipeline(args.model, compilation_cache=False, dtype=args.dtype)
         print("Warming up (compiling) ...", flush=True)
         primary.warmup()
     except CheckpointError as error:
         raise SystemExit(f"app.py: {error}") from None
     others = [name.strip() for name in args.hub_models.split(",") if name.strip()]
-    space = Space(Models(primary, others, args.concurrency), args.max_batch_prompts,
+    space = Space(Models(primary, others, args.concurrency, dtype=args.dtype), args.max_batch_prompts,
                   Path(get_upload_folder()) / "dalle-outputs")
     # Gradio keeps cached examples across restarts keyed by position only, so a cache left by another
     # model would be served; unless told otherwise, this process's cache lives and dies with it.

@@ -22,12 +22,17 @@ import gradio as gr
 from PIL import PngImagePlugin
 
 from model.clip_rank import SCORE_LABELS
+from model.loading import cached_or_online
 from model.errors import CheckpointError, InvalidInputError
 from model.loading import load_pipeline
 from model.options import Options
-from model.pipeline import Progress, check_inputs
+from model.pipeline import Progress, check_inputs, image_grid
 
 EXAMPLE_SEED = 0  # cached examples are reproducible
+# Runs shorter than this show no previews: the final images arrive before a preview would help.
+PREVIEWS_AFTER_S = 2.0
+SCORE_HELP = {"clip_logit": "best CLIP score (match to the prompt) first",
+              "image_similarity": "most similar to the upload first (CLIP, -1 to 1)"}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -41,15 +46,21 @@ def user_errors():
     request fails alone, its caller learns nothing about the server's internals, the server goes on."""
     try:
         yield
-    except gr.Error:
-        raise
+    except gr.Error as error:
+        raise _refused(error.message) from None
     except InvalidInputError as error:
-        raise gr.Error(str(error)) from None
+        raise _refused(str(error)) from None
     except Exception:
         reference = secrets.token_hex(4)
         print(f"Request failed (reference {reference}):\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         raise gr.Error(f"Something went wrong on the server while making these images (reference {reference}). "
                        "Please try again.") from None
+
+
+def _refused(message: str) -> gr.Error:
+    """A user's error: one line in the server's log (Gradio would print a traceback) and the message."""
+    print(f"Refused a request: {message}", file=sys.stderr, flush=True)
+    return gr.Error(message, print_exception=False)
 
 
 def handler(fn):
@@ -79,13 +90,15 @@ class Models:
     events is that times the number of models, so a slow model does not block the others.
     """
 
-    def __init__(self, primary, others, concurrency: int):
+    def __init__(self, primary, others, concurrency: int, dtype=None):
         self.primary = primary.name
         self.names = [primary.name] + [name for name in others if name != primary.name]
         self.concurrency = concurrency
+        self.dtype = dtype  # for the models loaded on first use; None: the device's default
         self._pipes = {primary.name: primary}
         self._load_locks = {name: threading.Lock() for name in self.names}
         self._slots = {name: threading.BoundedSemaphore(concurrency) for name in self.names}
+        self.unavailable = {name: "not available offline" for name in self.names[1:] if not cached_or_online(name)}
 
     def get(self, name):
         """The pipeline, loaded now if needed; a gr.Error when it cannot be."""
@@ -96,10 +109,18 @@ class Models:
             if name not in self._pipes:
                 print(f"Loading model {name!r} on first use ...", flush=True)
                 try:
-                    self._pipes[name] = load_pipeline(name, compilation_cache=False)
+                    self._pipes[name] = load_pipeline(name, compilation_cache=False, dtype=self.dtype)
                 except CheckpointError as error:
-                    raise gr.Error(f"Model {name!r} is not available here: {error}") from None
+                    print(f"Model {name!r} failed to load: {error}", file=sys.stderr, flush=True)
+                    self.unavailable[name] = "failed to load"
+                    raise gr.Error(f"Model {name!r} is not available here: its weights are not on this server and "
+                                   f"could not be downloaded. Choose {self.primary!r} instead.") from None
             return self._pipes[name]
+
+    def label(self, name) -> str:
+        """The model's name as the page lists it, saying when it cannot load here."""
+        reason = self.unavailable.get(name)
+        return f"{name} ({reason})" if reason else name
 
     def defaults(self, name) -> Options:
         """A model's options without loading it: published presets use upstream's (`Options()`)."""
@@ -122,6 +143,7 @@ class Answer:
     results: list
     files: list  # per result, the paths of its PNGs, best first
     seconds: float
+    dtype: str  # the model's weights, e.g. "float32"
 
 
 class Space:
@@ -136,6 +158,7 @@ class Space:
         outputs.mkdir(parents=True, exist_ok=True)
         primary = models.get(models.primary)
         self.info = primary.info
+        self.dtype = primary.dtype
         # Previews at a quarter, half and three quarters of the image tokens.
         self.preview_every = max(1, primary.bart_config.image_length // 4)
         self.latent_size = primary.vqgan_config.latent_size  # rows of image tokens (keep_rows range)
@@ -149,14 +172,14 @@ class Space:
         request = pipe.complete(checked)
         start = time.perf_counter()
         with self.models.slot(model):
-            for item in pipe.run(request, preview_every):
+            for item in pipe.run(request, preview_every, PREVIEWS_AFTER_S):
                 if isinstance(item, Progress):
                     yield item
                 else:
                     results = item if isinstance(item, list) else [item]
         files = [self._write_pngs(r.images, {"prompt": r.prompt, "model": model, "seed": str(r.seed)})
                  for r in results]
-        yield Answer(model, results, files, time.perf_counter() - start)
+        yield Answer(model, results, files, time.perf_counter() - start, pipe.dtype)
 
     # API --------------------------------------------------------------------------------------
 
@@ -171,7 +194,7 @@ class Space:
         answer = yield from self._api(model, prompt=prompt, num_images=num_images, seed=seed,
                                       temperature=temperature, top_k=top_k, top_p=top_p,
                                       condition_scale=condition_scale, candidates=candidates)
-        yield answer.files[0], _record(answer.results[0], answer.model, answer.files[0])
+        yield answer.files[0], _record(answer)
 
     @handler
     def generate_batch(self, prompt, num_images=None, seed=None, temperature=None, top_k=None, top_p=None,
@@ -188,7 +211,8 @@ class Space:
                                       condition_scale=condition_scale, candidates=candidates)
         first = answer.results[0]
         yield [path for paths in answer.files for path in paths], {
-            "model": answer.model, "seed": first.seed, "parameters": first.parameters, "score_kind": first.score_kind,
+            "model": answer.model, "dtype": answer.dtype, "seed": first.seed, "parameters": first.parameters,
+            "score_kind": first.score_kind,
             "results": [{"prompt": r.prompt, "scores": r.scores, "files": [Path(p).name for p in paths]}
                         for r, paths in zip(answer.results, answer.files)]}
 
@@ -202,7 +226,7 @@ class Space:
         answer = yield from self._api(model, image=image, prompt=prompt or None, keep_rows=keep_rows,
                                       num_images=num_images, seed=seed, temperature=temperature, top_k=top_k,
                                       top_p=top_p, condition_scale=condition_scale, candidates=candidates)
-        yield answer.files[0], _record(answer.results[0], answer.model, answer.files[0])
+        yield answer.files[0], _record(answer)
 
     def _api(self, model, **inputs):
         """`serve` for the API: "no change" to both outputs after every chunk; returns the Answer."""
@@ -237,28 +261,34 @@ class Space:
         """An example prompt on the primary model with its defaults and a fixed seed (cached lazily)."""
         for item in self.serve(None, prompt=prompt, seed=EXAMPLE_SEED):
             answer = item
-        return _page_outputs(answer)
+        return _page_outputs(answer, self._write_grid(answer))[:3]
 
     def _page(self, model, progress, **inputs):
         """`serve` for the page: a progress bar and previews in the gallery, then the scored images."""
         progress(0.0, desc="Sampling image tokens")
         for item in self.serve(model, self.preview_every, **inputs):
             if not isinstance(item, Progress):
-                yield _page_outputs(item)
+                yield _page_outputs(item, self._write_grid(item))
                 return
             progress(item.step / item.total, desc=f"Sampling image tokens {item.step}/{item.total}")
             if item.images is None:
-                yield gr.skip(), gr.skip(), gr.skip()
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             else:
                 paths = self._write_pngs(item.images[0], {"preview": str(item.step)})
                 yield ([(p, f"{item.step}/{item.total} tokens") for p in paths], gr.skip(),
-                       f"Sampling image tokens: {item.step} of {item.total} ...")
+                       f"Sampling image tokens: {item.step} of {item.total} ...", gr.skip())
 
     @handler
     def model_defaults(self, model):
         """The sliders for a model's defaults when the model choice changes (nothing is loaded)."""
         d = self.models.defaults(model)
         return d.num_images, d.candidates, d.temperature, d.top_k, d.top_p, d.condition_scale
+
+    def _write_grid(self, answer: Answer) -> str:
+        """The first result's images as one PNG grid, the way people share a run."""
+        result = answer.results[0]
+        return self._write_pngs([image_grid(result.images)], {"prompt": result.prompt, "model": answer.model,
+                                                             "seed": str(result.seed)})[0]
 
     def _write_pngs(self, images, text: dict) -> list[str]:
         """PNG files under fresh names, each written beside its final name and renamed into place."""
@@ -276,16 +306,20 @@ class Space:
         return paths
 
 
-def _page_outputs(answer: Answer):
-    """(gallery with labelled scores, the seed used, the status line) of a finished request."""
+def _page_outputs(answer: Answer, grid_path: str):
+    """(gallery with labelled scores, the seed used, the status line, the grid to download) of a
+    finished request."""
     result, paths = answer.results[0], answer.files[0]
     label = SCORE_LABELS[result.score_kind]
     gallery = [(path, f"{label} {score:.2f}") for path, score in zip(paths, result.scores)]
     status = (f"Seed **{result.seed}** · model `{answer.model}` · {len(paths)} images from "
-              f"{result.parameters['candidates']} candidates in {answer.seconds:.1f} s")
-    return gallery, result.seed, status
+              f"{result.parameters['candidates']} candidates in {answer.seconds:.1f} s · "
+              f"{SCORE_HELP[result.score_kind]}")
+    return gallery, result.seed, status, gr.update(value=grid_path, visible=True)
 
 
-def _record(result, model, paths) -> dict:
-    return {"model": model, "prompt": result.prompt, "seed": result.seed, "scores": result.scores,
-            "score_kind": result.score_kind, "parameters": result.parameters, "files": [Path(p).name for p in paths]}
+def _record(answer: Answer) -> dict:
+    result, paths = answer.results[0], answer.files[0]
+    return {"model": answer.model, "dtype": answer.dtype, "prompt": result.prompt, "seed": result.seed,
+            "scores": result.scores, "score_kind": result.score_kind, "parameters": result.parameters,
+            "files": [Path(p).name for p in paths]}

@@ -239,13 +239,25 @@ def _init_tree(rng: jax.Array, shapes: dict, std: float) -> dict:
 
 
 def layer_norm(p: dict, x: jax.Array) -> jax.Array:
-    """LayerNorm over the last axis; `p` holds `bias` and, for some norms, `scale`."""
-    centered = x - jnp.mean(x, axis=-1, keepdims=True)
+    """LayerNorm over the last axis; `p` holds `bias` and, for some norms, `scale`. Computed in
+    float32 whatever the weights' precision (half-precision variance loses the small-spread rows),
+    and returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
     y = centered * lax.rsqrt(variance + LAYER_NORM_EPS)
     if "scale" in p:
-        y = y * p["scale"]
-    return y + p["bias"]
+        y = y * p["scale"].astype(jnp.float32)
+    return (y + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x @ kernel with x in the kernel's dtype, accumulated and returned in float32.
+
+    With half-precision weights (model/loading.py, `dtype`) the matmul runs in half precision but the
+    activations between matmuls (residual stream, norms, gelu, logits) stay float32; with float32
+    weights every cast is a no-op and the numbers are those of a plain `x @ kernel`."""
+    return jnp.matmul(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
 
 
 def split_heads(y: jax.Array, heads: int) -> jax.Array:
@@ -255,28 +267,31 @@ def split_heads(y: jax.Array, heads: int) -> jax.Array:
 
 def _heads(x: jax.Array, kernel: jax.Array, heads: int) -> jax.Array:
     """Projects [b, n, d] with a [d, d] kernel into [b, h, n, k]."""
-    return split_heads(x @ kernel, heads)
+    return split_heads(dense(x, kernel), heads)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, out_kernel: jax.Array) -> jax.Array:
     """Multi-head attention: q [b, h, S, k], keys/values [b, h, K, k], `visible` a bool mask
-    broadcastable to [b, h, S, K]; returns the out-projected [b, S, d]."""
+    broadcastable to [b, h, S, K]; returns the out-projected [b, S, d]. The products run in the
+    weights' dtype; scores and softmax in float32."""
+    dtype = out_kernel.dtype
     q = q * (q.shape[-1] ** -0.5)
-    scores = jnp.einsum("bhqc,bhkc->bhqk", q, k)
+    scores = jnp.einsum("bhqc,bhkc->bhqk", q.astype(dtype), k.astype(dtype), preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(jnp.where(visible, scores, MASKED_SCORE), axis=-1)
-    out = jnp.einsum("bhqk,bhkc->bqhc", weights, v)
-    return out.reshape(out.shape[:2] + (-1,)) @ out_kernel
+    out = jnp.einsum("bhqk,bhkc->bqhc", weights.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
+    return dense(out.reshape(out.shape[:2] + (-1,)), out_kernel)
 
 
 def _glu(p: dict, x: jax.Array) -> jax.Array:
     x = layer_norm(p["LayerNorm_0"], x)
-    gated = jax.nn.gelu(x @ p["Dense_0"]["kernel"], approximate=False) * (x @ p["Dense_1"]["kernel"])
-    return layer_norm(p["LayerNorm_1"], gated) @ p["Dense_2"]["kernel"]
+    gated = jax.nn.gelu(dense(x, p["Dense_0"]["kernel"]), approximate=False) * dense(x, p["Dense_1"]["kernel"])
+    return dense(layer_norm(p["LayerNorm_1"], gated), p["Dense_2"]["kernel"])
 
 
 def embed(p: dict, ids: jax.Array, positions: jax.Array) -> jax.Array:
-    """ids [b, n], positions [n] -> [b, n, d]."""
-    h = p["embed_tokens"]["embedding"][ids] + p["embed_positions"]["embedding"][positions]
+    """ids [b, n], positions [n] -> [b, n, d] float32 (the residual stream stays float32)."""
+    h = (p["embed_tokens"]["embedding"][ids].astype(jnp.float32)
+         + p["embed_positions"]["embedding"][positions].astype(jnp.float32))
     return layer_norm(p["layernorm_embedding"], h)
 
 
@@ -333,7 +348,7 @@ def decode(params, encoder_states, attention_mask, decoder_input_ids, config: Da
         return _decoder_layer(layer_params, h, causal, encoder_states, text_visible, heads), None
 
     h, _ = lax.scan(layer, h, stack)
-    return layer_norm(p["final_ln"], h) @ params["lm_head"]["kernel"]
+    return dense(layer_norm(p["final_ln"], h), params["lm_head"]["kernel"])
 
 
 def decoder_layer_stack(params: dict):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from model.bart import MASKED_SCORE, DalleBartConfig, attend, decoder_layer_stack, embed, layer_norm, split_heads
+from model.bart import MASKED_SCORE, DalleBartConfig, attend, decoder_layer_stack, dense, embed, layer_norm, split_heads
 
 
 # Output widths of the decoding matmuls are zero-padded to a multiple of this: at batch 18 the
@@ -119,21 +119,28 @@ def init_decode_cache(params, encoder_states, attention_mask, config: DalleBartC
     heads = config.decoder_attention_heads
     rows = jnp.arange(encoder_states.shape[0]) if rows is None else rows
     batch = rows.shape[0]
+    weights = _decoding_weights(params)[0]
+    dtype = cache_dtype(params)
 
     def empty():
         # Separate buffers throughout: callers donate the cache to jit, which refuses a buffer twice.
-        return tuple(jnp.zeros((batch, heads, size, config.d_model // heads), jnp.float32)
+        return tuple(jnp.zeros((batch, heads, size, config.d_model // heads), dtype)
                      for _, size in _segment_bounds(config))
 
     layers = []
-    for w in _decoding_weights(params)[0]:
+    for w in weights:
         layers.append({
-            "cross_keys": split_heads(encoder_states @ w["cross_k"], heads)[rows],
-            "cross_values": split_heads(encoder_states @ w["cross_v"], heads)[rows],
+            "cross_keys": split_heads(dense(encoder_states, w["cross_k"]).astype(dtype), heads)[rows],
+            "cross_values": split_heads(dense(encoder_states, w["cross_v"]).astype(dtype), heads)[rows],
             "self_keys": empty(),
             "self_values": empty(),
         })
     return {"text_mask": attention_mask.astype(bool)[rows], "layers": layers}
+
+
+def cache_dtype(params: dict):
+    """The KV cache holds keys and values in the decoder weights' dtype (half with half weights)."""
+    return params["model"]["decoder"]["embed_tokens"]["embedding"].dtype
 
 
 def _write_position(segments: tuple, x: jax.Array, position: jax.Array, bounds) -> tuple:
@@ -152,29 +159,32 @@ def _write_position(segments: tuple, x: jax.Array, position: jax.Array, bounds) 
 def _attend_written(q, keys: tuple, values: tuple, position, out_kernel, bounds) -> jax.Array:
     """Self-attention of q [b, h, 1, k] over positions <= `position`, reading only the segments
     up to the one holding it (lax.switch: one branch per segment count). Returns [b, 1, d]."""
-    q = q * (q.shape[-1] ** -0.5)
+    dtype = keys[0].dtype
+    q = (q * (q.shape[-1] ** -0.5)).astype(dtype)
 
     def over_first(count):
         def attend(q, keys, values, position):
-            scores = jnp.concatenate([jnp.einsum("bhqc,bhkc->bhqk", q, k) for k in keys[:count]], axis=-1)
+            # Products in the cache's dtype, accumulated, masked and normalised in float32.
+            scores = jnp.concatenate([jnp.einsum("bhqc,bhkc->bhqk", q, k, preferred_element_type=jnp.float32)
+                                      for k in keys[:count]], axis=-1)
             visible = jnp.arange(sum(size for _, size in bounds[:count])) <= position
             weights = jax.nn.softmax(jnp.where(visible, scores, MASKED_SCORE), axis=-1)
             split_at = [start for start, _ in bounds[1:count]]
-            return sum(jnp.einsum("bhqk,bhkc->bqhc", w, v)
+            return sum(jnp.einsum("bhqk,bhkc->bqhc", w.astype(dtype), v, preferred_element_type=jnp.float32)
                        for w, v in zip(jnp.split(weights, split_at, axis=-1), values[:count]))
         return attend
 
     branches = [over_first(count) for count in range(1, len(bounds) + 1)]
     out = lax.switch(position // bounds[0][1], branches, q, keys, values, position)  # [b, 1, h, k]
-    return out.reshape(out.shape[:2] + (-1,)) @ out_kernel
+    return dense(out.reshape(out.shape[:2] + (-1,)), out_kernel)
 
 
 def _decoding_glu(w: dict, h: jax.Array) -> jax.Array:
     """The GLU of a decoding_params layer: h [b, n, d] -> [b, n, d]."""
     width, padded = w["glu_out"].shape[0], w["glu_in"].shape[1] // 2
-    both = layer_norm(w["glu_norm_in"], h) @ w["glu_in"]  # [b, n, 2 * padded]
+    both = dense(layer_norm(w["glu_norm_in"], h), w["glu_in"])  # [b, n, 2 * padded]
     gated = jax.nn.gelu(both[..., :width], approximate=False) * both[..., padded:padded + width]
-    return layer_norm(w["glu_norm_mid"], gated) @ w["glu_out"]
+    return dense(layer_norm(w["glu_norm_mid"], gated), w["glu_out"])
 
 
 def decode_step(params, cache: dict, token_ids: jax.Array, position: jax.Array, config: DalleBartConfig):
@@ -194,14 +204,17 @@ def decode_step(params, cache: dict, token_ids: jax.Array, position: jax.Array, 
     # XLA reads and updates in place (scanning over stacks copied each layer's slice per step).
     weights, lm_head = _decoding_weights(params)
     for w, c in zip(weights, cache["layers"]):
-        qkv = layer_norm(w["self_norm_in"], h) @ w["self_qkv"]  # [b, 1, 3d]
+        qkv = dense(layer_norm(w["self_norm_in"], h), w["self_qkv"])  # [b, 1, 3d] float32
+        dtype = c["self_keys"][0].dtype
         q, k, v = (split_heads(y, heads) for y in jnp.split(qkv, 3, axis=-1))  # [b, h, 1, k]
+        k, v = k.astype(dtype), v.astype(dtype)
         keys = _write_position(c["self_keys"], k, position, bounds)
         values = _write_position(c["self_values"], v, position, bounds)
         h = h + layer_norm(w["self_norm_out"], _attend_written(q, keys, values, position, w["self_out"], bounds))
-        q = split_heads(layer_norm(w["cross_norm_in"], h) @ w["cross_q"], heads)
+        q = split_heads(dense(layer_norm(w["cross_norm_in"], h), w["cross_q"]), heads)
         h = h + layer_norm(w["cross_norm_out"], attend(q, c["cross_keys"], c["cross_values"], text_visible, w["cross_out"]))
         h = h + _decoding_glu(w, h)
         layers.append({**c, "self_keys": keys, "self_values": values})
-    logits = layer_norm(p["final_ln"], h[:, 0]) @ lm_head
+    # Logits accumulate and stay in float32 (dense): the sampler's top-k/top-p cut-offs compare them.
+    logits = dense(layer_norm(p["final_ln"], h[:, 0]), lm_head)
     return logits[:, :config.image_vocab_size + 1], {**cache, "layers": layers}

@@ -231,10 +231,11 @@ def validate_params(expected, loaded, source) -> dict:
     return traverse_util.unflatten_dict(result, sep="/")
 
 
-def _to_device(params: dict) -> dict:
+def _to_device(params: dict, dtype=None) -> dict:
     """`params` as jax arrays, emptying `params` as it goes: each host array is dropped as soon as its
     device copy exists, so the weights are not in memory twice. The caller must hold no other
-    reference to the host arrays.
+    reference to the host arrays. `dtype` (e.g. bfloat16): weight matrices are cast on the host,
+    one at a time, before they are placed (see `cast_weight`).
 
     A transfer is asynchronous and holds its host array until it is done, so each one is awaited:
     queued all at once (tree_map(jnp.asarray)), mini's DalleBart was held twice (3.3 GiB).
@@ -242,8 +243,17 @@ def _to_device(params: dict) -> dict:
     placed = {}
     for name in list(params):
         value = params.pop(name)
-        placed[name] = _to_device(value) if isinstance(value, dict) else jax.block_until_ready(jnp.asarray(value))
+        placed[name] = (_to_device(value, dtype) if isinstance(value, dict)
+                        else jax.block_until_ready(jnp.asarray(cast_weight(value, dtype))))
     return placed
+
+
+def cast_weight(value, dtype):
+    """A floating array of 2+ axes (kernels, embeddings: nearly all the bytes) in `dtype`; vectors
+    (norm scales and biases, conv biases) stay float32, as the float32 math that reads them."""
+    if dtype is None or np.ndim(value) < 2 or not np.issubdtype(np.asarray(value).dtype, np.floating):
+        return value
+    return np.asarray(value).astype(dtype)
 
 
 def _shapes(module, *example_inputs):
@@ -298,8 +308,9 @@ def _stack_unscanned_layers(tree: dict, source) -> dict:
     return tree
 
 
-def load_dalle_bart(path_or_repo, revision=None):
-    """(DalleBart module, params) from a folder or hub repo holding config.json + flax_model.msgpack."""
+def load_dalle_bart(path_or_repo, revision=None, dtype=None):
+    """(DalleBart module, params) from a folder or hub repo holding config.json + flax_model.msgpack;
+    weight matrices in `dtype` (None: as validated, float32)."""
     folder = resolve_folder(path_or_repo, revision)
     config = DalleBartConfig.from_dict(read_config(folder))
     module = DalleBart(config)
@@ -307,7 +318,7 @@ def load_dalle_bart(path_or_repo, revision=None):
     loaded = _stack_unscanned_layers(read_msgpack(file), file)
     params = validate_params(_shapes(module, *_dalle_bart_example_inputs(config)), loaded, file)
     del loaded  # the host arrays live on in `params` alone, for _to_device to release one by one
-    return module, _to_device(params)
+    return module, _to_device(params, dtype)
 
 
 def save_dalle_bart(folder, module_or_config, params) -> Path:
@@ -323,14 +334,14 @@ def _vqgan_example_inputs(config: VQGANConfig):
     return (jax.ShapeDtypeStruct((1, config.resolution, config.resolution, config.in_channels), jnp.float32),)
 
 
-def load_vqgan(path_or_repo, revision=None):
+def load_vqgan(path_or_repo, revision=None, dtype=None):
     """(VQGAN module, params) from a folder or hub repo holding config.json + flax_model.msgpack."""
     folder = resolve_folder(path_or_repo, revision)
     config = VQGANConfig.from_dict(read_config(folder))
     module = VQGAN(config)
     file = folder / FLAX_WEIGHTS
     expected = _shapes(module, *_vqgan_example_inputs(config))
-    return module, _to_device(validate_params(expected, read_msgpack(file), file))
+    return module, _to_device(validate_params(expected, read_msgpack(file), file), dtype)
 
 
 def save_vqgan(folder, module_or_config, params) -> Path:
@@ -349,7 +360,7 @@ def _clip_example_inputs(config: CLIPConfig):
     return text, pixels, text
 
 
-def load_clip(path_or_repo, revision=None):
+def load_clip(path_or_repo, revision=None, dtype=None):
     """(CLIP module, params) from flax_model.msgpack or, failing that, model.safetensors. Never unpickles."""
     folder = resolve_folder(path_or_repo, revision, allow_patterns=[CONFIG_FILE, FLAX_WEIGHTS, SAFETENSORS_WEIGHTS, "*.txt", "*.json"])
     config = CLIPConfig.from_dict(read_config(folder))
@@ -377,7 +388,7 @@ def load_clip(path_or_repo, revision=None):
         raise CheckpointError(f"Missing weights in {folder}: expected {FLAX_WEIGHTS} or {SAFETENSORS_WEIGHTS}.")
     params = validate_params(expected, loaded, file)
     del loaded  # as in load_dalle_bart
-    return module, _to_device(params)
+    return module, _to_device(params, dtype)
 
 
 def save_clip(folder, module_or_config, params) -> Path:

@@ -19,6 +19,13 @@ from model.text import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, clip_
 SCORE_LABELS = {"clip_logit": "CLIP score", "image_similarity": "similarity to the upload"}
 
 
+def float32_params(params):
+    """Weights stored in half precision (load_pipeline's dtype), widened inside a jitted call: CLIP and
+    the VQGAN compute in float32 (a no-op for float32 weights), so only the weights are rounded."""
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                  params)
+
+
 class Reranker:
     """Scores images with a CLIP model; rows are padded to sharding's buckets so shapes repeat."""
 
@@ -31,8 +38,8 @@ class Reranker:
         self.mesh = mesh
         self.params = sharding.place_params(params, mesh)
         jit = functools.partial(jax.jit, compiler_options=xla_options.compiler_options())
-        self._logits = jit(lambda p, ids, mask, x: clip.apply({"params": p}, ids, x, mask).logits_per_image)
-        self._image_features = jit(lambda p, x: clip.apply({"params": p}, x, method="get_image_features"))
+        self._logits = jit(lambda p, ids, mask, x: clip.apply({"params": float32_params(p)}, ids, x, mask).logits_per_image)
+        self._image_features = jit(lambda p, x: clip.apply({"params": float32_params(p)}, x, method="get_image_features"))
 
     def logits(self, prompts, images) -> np.ndarray:
         """CLIP logits [n_images, n_prompts] of images (PIL or uint8 [H, W, 3]) against prompts."""

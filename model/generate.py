@@ -21,6 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("prompt", nargs="?", default=None,
                         help="what to draw (optional with --image: variations without a prompt)")
     parser.add_argument("--model", default=None, help='embedded model (default), "mini", "mega" or a model folder')
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="precision of the weights on the device (default: float32 on CPU, bfloat16 on "
+                             "TPUs and GPUs that have it, else float16)")
     for knob in Options.knobs().values():
         parser.add_argument("--" + knob.name.replace("_", "-"), type=knob.kind, default=None,
                             help=knob.help)
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
     try:
         inputs = check_inputs(args.prompt, image=args.image and str(args.image), keep_rows=args.keep_rows, **options)
         check_outputs(args.out, args.out_dir)
-        pipe = load_pipeline(args.model)
+        pipe = load_pipeline(args.model, dtype=args.dtype)
         request = pipe.complete(inputs)
     except (InvalidInputError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -16,6 +16,7 @@ recompiles.
 import ctypes
 import dataclasses
 import functools
+import time
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -25,7 +26,7 @@ from PIL import Image
 
 from model import bart as bart_lib
 from model import bart_decode, sampling, sharding, xla_options
-from model.clip_rank import Reranker
+from model.clip_rank import Reranker, float32_params
 from model.errors import CheckpointError, InvalidInputError
 from model.options import Options, check_count
 from model.text import tokenize_prompts
@@ -99,8 +100,9 @@ class Pipeline:
     """Text-to-image with super-conditioned DalleBart sampling, VQGAN decoding and CLIP reranking."""
 
     def __init__(self, *, bart, bart_params, bart_tokenizer, vqgan, vqgan_params, reranker: Reranker,
-                 normalizer=None, defaults=Options(), name="custom", info=None, mesh=None):
+                 normalizer=None, defaults=Options(), name="custom", info=None, mesh=None, dtype="float32"):
         self.name = name
+        self.dtype = str(dtype)  # the weights' precision on the device (load_pipeline's dtype)
         self.info = info or {}
         self.defaults = defaults
         self.bart_config = bart.config
@@ -131,8 +133,9 @@ class Pipeline:
         jit = functools.partial(jax.jit, compiler_options=xla_options.compiler_options())
         self._encode = jit(functools.partial(bart_lib.encode, config=cfg))
         self._init_cache = jit(functools.partial(bart_decode.init_decode_cache, config=cfg))
-        self._decode_images = jit(functools.partial(_decode_images, vqgan))
-        self._encode_image = jit(lambda p, x: vqgan.apply({"params": p}, x, method="encode")[1])
+        # The VQGAN computes in float32 whatever precision its weights are stored in (docs/precision.md).
+        self._decode_images = jit(lambda p, codes: _decode_images(vqgan, float32_params(p), codes))
+        self._encode_image = jit(lambda p, x: vqgan.apply({"params": float32_params(p)}, x, method="encode")[1])
 
     # -------------------------------------------------------------------------------------------
     # Public API
@@ -178,11 +181,11 @@ class Pipeline:
                                     f"{resolved.candidates} candidates = {rows}; at most {MAX_ROWS}.")
         return Request(inputs.prompts, resolved, inputs.single, inputs.image, keep_rows)
 
-    def run(self, request: Request, preview_every: int | None = None) -> Iterator:
+    def run(self, request: Request, preview_every: int | None = None, previews_after_s: float = 0.0) -> Iterator:
         """Samples a checked request: yields a `Progress` after every chunk of tokens (with preview
-        images every `preview_every` tokens; None: none), then the result (a `GenerationResult`, or a
-        list of them for a list of prompts)."""
-        results = yield from self._sample(request, preview_every)
+        images every `preview_every` tokens, once sampling has taken `previews_after_s` seconds; None:
+        none), then the result (a `GenerationResult`, or a list of them for a list of prompts)."""
+        results = yield from self._sample(request, preview_every, previews_after_s)
         yield results[0] if request.single else results
 
     def encode_image(self, image) -> np.ndarray:
@@ -211,7 +214,7 @@ class Pipeline:
     # -------------------------------------------------------------------------------------------
     # Steps
 
-    def _sample(self, request: Request, preview_every):
+    def _sample(self, request: Request, preview_every, previews_after_s=0.0):
         """Samples `candidates` images per prompt (continuing the upload's kept rows for variations),
         yields progress, and returns the reranked results, one per prompt."""
         cfg, options = self.bart_config, request.options
@@ -243,7 +246,7 @@ class Pipeline:
                                       prefix=prefix, prefix_length=prefix_length)
         knobs = sampling.sampling_knobs(padded, temperature=options.temperature, top_k=options.top_k,
                                         top_p=options.top_p, condition_scale=options.condition_scale)
-        next_preview = preview_every
+        next_preview, started = preview_every, time.perf_counter()
         for start in range(0, cfg.image_length, CHUNK_STEPS):
             steps = min(CHUNK_STEPS, cfg.image_length - start)
             state = sampling.sample_codes_chunk(
@@ -251,9 +254,11 @@ class Pipeline:
                 num_real_codes=self.vqgan_config.n_embed, use_guidance=use_guidance)
             done = start + steps
             preview = None
-            if preview_every and done >= next_preview and done < cfg.image_length:
+            if preview_every and next_preview <= done < cfg.image_length:
                 next_preview += preview_every
-                preview = self._preview(state.codes, done, len(prompts), per_prompt, options.num_images)
+                # A short run shows no previews: its final images come before a preview would help.
+                if time.perf_counter() - started >= previews_after_s:
+                    preview = self._preview(state.codes, done, len(prompts), per_prompt, options.num_images)
             yield Progress(step=done, total=cfg.image_length, images=preview)
         codes = sharding.to_host(state.codes)[:rows]
         # The decoder's cache (0.5 GiB for a 3x3 grid at mini size) goes before VQGAN and CLIP run.
@@ -305,11 +310,17 @@ class Pipeline:
         return np.concatenate(images)[: len(codes)]  # a new, writable array: previews paint over it
 
     def _preview(self, codes, step, num_prompts, per_prompt, num_images) -> list:
-        """The first num_images candidates of each prompt, decoded; token rows not sampled yet are blank."""
+        """The first num_images candidates of each prompt with their finished rows of tokens decoded;
+        the rest is blank. The rows not sampled yet repeat the last finished row while decoding, so
+        what shows comes from decided tokens only (zeros there bled a colour of their own upward)."""
         codes = sharding.to_host(codes)
         shown = np.concatenate([np.arange(p * per_prompt, p * per_prompt + num_images) for p in range(num_prompts)])
-        pixels = self._pixels(codes[shown])
-        finished_rows = step // self.vqgan_config.latent_size
+        side = self.vqgan_config.latent_size
+        finished_rows = step // side
+        grid = codes[shown].reshape(len(shown), side, side)
+        if finished_rows:
+            grid[:, finished_rows:] = grid[:, finished_rows - 1: finished_rows]
+        pixels = self._pixels(grid.reshape(len(shown), -1))
         pixels[:, finished_rows * self.vqgan_config.downsample_factor:] = 255
         images = [Image.fromarray(image) for image in pixels]
         return [images[p * num_images:(p + 1) * num_images] for p in range(num_prompts)]

@@ -103,8 +103,11 @@ def _open_image(source) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         # Pillow refuses far larger images in Image.open already, before the size check above.
         raise InvalidInputError(f"The image is too large ({error}); at most {MAX_IMAGE_PIXELS:,} pixels.") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise InvalidInputError(f"The upload is not an image that can be read (PNG, JPEG, WebP, ...): {error}") from None
+    except FileNotFoundError:
+        raise InvalidInputError("The image file was not found; upload it again.") from None
+    except (OSError, SyntaxError, ValueError):
+        # Pillow's own words name the file, a server path for uploads: people get the gist only.
+        raise InvalidInputError("The upload is not an image that can be read (PNG, JPEG, WebP, ...).") from None
     return image
 
 

@@ -16,6 +16,7 @@ COMPILE_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".
 TINY_INFO = {
     "description": "A tiny random model for tests: its images are noise.",
     "examples": ["a small red apple on a blue background", "two rockets on a black background"],
+    "understands": "Understands nothing: a tiny random model for tests.",
     "limitations": "Random weights: the images mean nothing.",
 }
 STARTUP_TIMEOUT_S = 240

@@ -45,6 +45,7 @@ def test_generate_returns_nine_pngs_and_a_record(client):
     assert len({image.tobytes() for image in images}) == 9  # nine different samples
     assert record["seed"] == 1 and record["model"] == "tiny" and record["prompt"] == "a small red apple"
     assert len(record["scores"]) == 9 and record["scores"] == sorted(record["scores"], reverse=True)
+    assert record["dtype"] == "float32" and record["score_kind"] == "clip_logit"
     assert record["parameters"]["num_images"] == 9 and record["parameters"]["top_k"] == 8  # model default
 
 
@@ -133,3 +134,31 @@ def test_bad_uploads_are_clear_errors(client, server, tmp_path, name, kwargs, me
     with pytest.raises(gradio_client.exceptions.AppError, match=message):
         client.predict(image=upload, prompt=None, keep_rows=1, num_images=1, api_name="/variations")
     assert server.alive()
+
+
+def test_user_errors_are_one_log_line_each_and_name_no_server_path(client, server, tmp_path):
+    start = len(server.log_path.read_text(errors="replace"))
+    messages = []
+    for call in (lambda: _generate(client, num_images=0),
+                 lambda: _generate(client, prompt="   "),
+                 lambda: client.predict(image=_upload(tmp_path, "notes.png", data=b"plain text"), prompt=None,
+                                        api_name="/variations")):
+        with pytest.raises(gradio_client.exceptions.AppError) as error:
+            call()
+        messages.append(str(error.value))
+    written = server.log_path.read_text(errors="replace")[start:]
+    assert written.count("Refused a request") == 3 and len(written.strip().splitlines()) == 3, written
+    assert "Traceback" not in written, written
+    assert not any("/tmp" in m or str(tmp_path) in m or "gradio" in m.lower() for m in messages), messages
+
+
+def test_api_documents_optional_whole_number_options(server):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/gradio_api/info") as response:
+        parameters = json.load(response)["named_endpoints"]["/generate"]["parameters"]
+    kinds = {p["parameter_name"]: (p["parameter_has_default"], p["python_type"]["type"]) for p in parameters}
+    assert kinds["prompt"] == (False, "str")
+    assert kinds["num_images"] == (True, "int") and kinds["seed"] == (True, "int") and kinds["top_k"] == (True, "int")
+    assert kinds["temperature"] == (True, "float") and kinds["condition_scale"] == (True, "float")

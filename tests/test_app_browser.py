@@ -42,26 +42,41 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     _ensure_chromium()
     SCREENSHOTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(server.url)
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+def _open(browser, server, width, height):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server.url)
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    page = _open(browser, server, 1280, 800)  # a laptop screen: the whole grid must fit
+    yield page
+    page.close()
 
 
 def _run_and_wait(page, submit) -> str:
     """Submits the prompt and waits for the final images (their status names the seed); returns it."""
     before = page.locator("#status").inner_text()
+    old = page.locator("#gallery img").evaluate_all("imgs => imgs.map(i => i.src)")
     submit()
     page.wait_for_function("before => { const s = document.querySelector('#status').innerText;"
                            " return s.includes('Seed') && s !== before; }", arg=before)
+    # The final images replace the gallery (short runs show no previews): wait for new files.
+    page.wait_for_function("old => [...document.querySelectorAll('#gallery img')].every(i => !old.includes(i.src))",
+                           arg=old)
     # Final images carry CLIP captions (previews show token counts); wait until all have loaded.
     page.wait_for_function(
         "() => { const imgs = [...document.querySelectorAll('#gallery img')];"
@@ -90,8 +105,13 @@ def test_run_shows_nine_distinct_images_with_scores(page, server):
     # The seed used is shown in the status line and copied into the seed box under "Advanced".
     page.get_by_text("Advanced").click()
     assert page.locator("#seed input").input_value() == str(_seed(status))
+    # All nine on a 1280x800 screen together with the prompt, enlarged from 16 px without smoothing.
+    page.evaluate("window.scrollTo(0, 0)")
+    assert page.locator("#prompt input").bounding_box()["y"] >= 0
     for box in page.locator("#gallery img").all():
-        assert box.is_visible() and box.bounding_box()["height"] > 100  # all nine on screen, not clipped
+        bounds = box.bounding_box()
+        assert box.is_visible() and bounds["height"] > 100 and bounds["y"] + bounds["height"] <= 800, bounds
+    assert page.locator("#gallery img").first.evaluate("i => getComputedStyle(i).imageRendering") == "pixelated"
     page.screenshot(path=str(SCREENSHOTS / "app_browser.png"), full_page=True)
     assert server.alive()
 
@@ -113,7 +133,7 @@ def test_enter_runs_again_with_a_new_random_seed_and_new_images(page):
 def test_footer_credits_limitations_and_duplicate_button(page):
     footer = page.locator("#footer").inner_text()
     assert "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0" in footer
-    assert "Random weights: the images mean nothing." in footer
+    assert "Random weights: the images mean nothing." in footer and "Weights in float32." in footer
     assert "A tiny random model for tests" in page.locator("#title").inner_text()
     assert page.get_by_role("button", name="Duplicate Space").is_visible()
 
@@ -128,12 +148,15 @@ def test_example_click_shows_its_images(page):
 
 def test_unavailable_model_is_a_clear_error_on_the_page(page, server):
     _open_advanced(page)
-    _choose_model(page, "mini")
+    page.locator("#model input").click()
+    option = page.get_by_role("option", name="mini (not available offline)", exact=True)
+    assert option.is_visible()  # said before it is picked
+    option.click()
     # Changing the model shows its defaults (upstream's for the published ones) without loading it.
     page.wait_for_function("() => document.querySelector('#condition_scale input[type=number]').value === '10'")
     page.locator("#prompt input").fill("a cat above a dog")
     page.locator("#run").click()
-    page.locator(".toast-body", has_text="Model 'mini' is not available here").wait_for()
+    page.locator(".toast-body", has_text="could not be downloaded. Choose 'tiny' instead").wait_for()
     page.wait_for_timeout(500)  # the toast slides in
     page.screenshot(path=str(SCREENSHOTS / "app_browser_error.png"))
     page.locator(".toast-close").first.click()  # it covers the Run button until dismissed
@@ -151,3 +174,42 @@ def _open_advanced(page):
 def _choose_model(page, name):
     page.locator("#model input").click()
     page.get_by_role("option", name=name, exact=True).click()
+
+
+def test_each_tab_keeps_its_own_results(page):
+    _run_and_wait(page, lambda: page.locator("#run").click())
+    page.get_by_role("tab", name="Variations").click()
+    assert page.locator("#vary-gallery img").count() == 0 and page.locator("#vary-status").inner_text().strip() == ""
+    page.get_by_role("tab", name="Text to image").click()
+    assert page.locator("#gallery img").count() == 9 and "Seed" in page.locator("#status").inner_text()
+
+
+def test_grid_download_is_one_png_of_the_whole_grid(page, server):
+    _run_and_wait(page, lambda: page.locator("#run").click())
+    with page.expect_download() as download:
+        page.locator("#download").click()
+    grid = Image.open(download.value.path())
+    assert grid.format == "PNG" and grid.size == (3 * 16, 3 * 16)
+    assert np.array_equal(np.asarray(grid.convert("RGB"))[:16, :16], _gallery_pixels(page)[0])
+
+
+def test_the_model_says_what_it_understands_next_to_the_prompt(page):
+    assert "Understands nothing" in page.locator("#understands").inner_text()
+
+
+def test_a_phone_sees_prompt_run_and_the_first_row_without_sideways_scrolling(browser, server):
+    phone = _open(browser, server, 390, 844)
+    try:
+        phone.locator("#prompt input").fill("a small red apple on a blue background")
+        phone.locator("#run").click()
+        phone.wait_for_function("() => [...document.querySelectorAll('#gallery img')].length === 9"
+                                " && document.querySelector('#status').innerText.includes('Seed')")
+        for selector in ("#prompt input", "#run"):
+            box = phone.locator(selector).bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 390 and box["y"] + box["height"] <= 844, selector
+        first_row = phone.locator("#gallery img").all()[:3]
+        assert all(b["x"] >= 0 and b["x"] + b["width"] <= 390 and b["y"] + b["height"] <= 844
+                   for b in (image.bounding_box() for image in first_row))
+        phone.screenshot(path=str(SCREENSHOTS / "app_browser_phone.png"))
+    finally:
+        phone.close()

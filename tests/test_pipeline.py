@@ -77,6 +77,13 @@ def test_stream_yields_progress_with_previews_then_the_result(pipe, monkeypatch)
     np.testing.assert_array_equal(final.codes, pipe.generate("a small red apple", num_images=2, seed=1).codes)
 
 
+def test_a_short_run_shows_no_previews(pipe, monkeypatch):
+    monkeypatch.setattr("model.pipeline.CHUNK_STEPS", 4)
+    request = pipe.request("a small red apple", num_images=2, seed=1)
+    assert all(p.images is None for p in list(pipe.run(request, preview_every=8, previews_after_s=600))[:-1])
+    assert any(p.images is not None for p in list(pipe.run(request, preview_every=8, previews_after_s=0))[:-1])
+
+
 def test_closing_the_stream_stops_sampling(pipe, monkeypatch):
     monkeypatch.setattr("model.pipeline.CHUNK_STEPS", 4)
     chunks = []

@@ -64,7 +64,7 @@ def _png(image, **kwargs):
     (_png(Image.new("RGB", (32, 32)), format="GIF", save_all=True,
           append_images=[Image.new("RGB", (32, 32), "red")]), "Animated"),
     (np.zeros((32, 32, 3), np.float32), "uint8"),
-    ("not/a/file.png", "not an image that can be read"),
+    ("not/a/file.png", "image file was not found"),
 ])
 def test_bad_uploads_get_a_clear_message(pipe, upload, message):
     with pytest.raises(InvalidInputError, match=message):

@@ -55,6 +55,9 @@ LIMITATIONS = ("Only understands captions like the training templates: 'a small 
                "positions and relations right nearly always, counts and the exact emoji about four times in "
                "five; objects in pairs and counts are drawn less crisply than single ones. It knows nothing "
                "outside its emoji vocabulary and 12 background colours.")
+UNDERSTANDS = ("Understands English captions of one to four emoji objects (181 animals, foods, plants, vehicles and "
+               "things) with their size, position or relation, on one of 12 plain backgrounds: for example "
+               "'a cat to the left of a dog on a yellow background'.")
 CREDIT = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0"
 EXAMPLES = ("a large fox in the center on a blue background",
             "a cat to the left of a dog on a yellow background",
@@ -88,7 +91,7 @@ def assemble(vqgan_folder, bart_folder, clip_folder, out, examples=EXAMPLES) -> 
     _copy(Path(clip_folder), out / "clip", ("config.json", "model.safetensors", "preprocessor_config.json")
           + bart_stage.TOKENIZER_FILES)
     info = {"name": "emoji", "description": DESCRIPTION, "defaults": DEFAULTS, "examples": list(examples),
-            "limitations": LIMITATIONS, "credit": CREDIT}
+            "understands": UNDERSTANDS, "limitations": LIMITATIONS, "credit": CREDIT}
     (out / "pipeline.json").write_text(json.dumps(info, indent=2) + "\n")
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if total > MAX_FOLDER_BYTES:
