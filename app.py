@@ -9,8 +9,10 @@ API endpoints, with the parameter names of `Pipeline.generate` (model/options.py
                      model -> (PNG files best first, JSON {model, prompt, seed, scores, score_kind,
                      parameters, files})
     /generate_batch  the same, `prompt` a list of prompts sampled as one batch with shared options
-    /variations      image (file), prompt, keep_rows, then the options and model as above: the upload's
-                     top keep_rows rows of image tokens kept, the rest sampled
+    /variations      image (file), prompt, keep_rows, then the options and model as above, then strength:
+                     the upload's top keep_rows rows of image tokens kept, every other token sampled with
+                     a pull of strength (0..1) toward the upload's (strength last: older positional
+                     callers keep working)
 
 Every handler, page or API, goes through one path (`space.Space.serve`); this file is the page's
 layout, the API's wiring and the command line. Why a separate batched endpoint rather than
@@ -34,14 +36,17 @@ import time
 from pathlib import Path
 
 import gradio as gr
+import jax
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from gradio.utils import get_upload_folder
 
 from model.errors import CheckpointError
-from model.loading import default_compilation_cache, enable_compilation_cache, load_pipeline
+from model.loading import (EMBEDDED_NAME, default_compilation_cache, enable_compilation_cache, in_hub_cache,
+                           load_pipeline)
 from model.options import Options
+from model.pipeline import DEFAULT_STRENGTH, STRENGTH
 from space import EXAMPLE_SEED, Models, Space
 
 TITLE = "DALL·E mini in JAX/Flax"
@@ -62,10 +67,10 @@ CSS = """
 .results .grid-wrap {max-height: none; overflow-y: auto}  /* grow with the grid: all images visible */
 #understands, #footer {font-size: 0.8em; opacity: 0.85}
 #prompt-row {flex-wrap: nowrap}
-/* A phone: no captions over small tiles, narrower margins so the grid never scrolls sideways
-   (Gradio prefixes these selectors with its container's class). */
+/* A phone: no captions over small tiles, and tiles that may shrink below Gradio's 100 px minimum,
+   which made three columns wider than the screen. */
 @media (max-width: 600px) {.results .caption-label {display: none} #run {min-width: 64px !important}
-  .main {padding-left: 8px !important; padding-right: 8px !important}}
+  .results .grid-container {grid-template-columns: repeat(3, minmax(0, 1fr)) !important}}
 """
 
 
@@ -111,7 +116,10 @@ def build_demo(space: Space) -> gr.Blocks:
     models = space.models
     defaults = models.defaults(models.primary)
     knobs = Options.knobs()
-    generating = {"concurrency_id": "generate", "concurrency_limit": models.concurrency * len(models.names)}
+    # Batching: twice a batch's requests run their handlers at once (a batch sampling, the next one
+    # gathering); the rest wait in the bounded queue, as without batching.
+    limit = 2 * models.batch_requests if models.batching else models.concurrency * len(models.names)
+    generating = {"concurrency_id": "generate", "concurrency_limit": limit}
     # No telemetry or version check: the app works offline and talks only to its own clients.
     with gr.Blocks(title=TITLE, delete_cache=(OUTPUT_TTL_S // 2, OUTPUT_TTL_S), analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\n{space.info.get('description', DEFAULT_DESCRIPTION)}", elem_id="title")
@@ -134,9 +142,11 @@ def build_demo(space: Space) -> gr.Blocks:
                     with gr.Column(scale=2):
                         vary_prompt = gr.Textbox(label="prompt (optional)", max_lines=1, elem_id="vary-prompt",
                                                  placeholder="Leave empty for variations of the image alone")
+                        strength = gr.Slider(STRENGTH.low, STRENGTH.high, value=DEFAULT_STRENGTH, step=STRENGTH.step,
+                                             label="strength", info=STRENGTH.help, elem_id="strength")
                         side = space.latent_size
-                        keep_rows = gr.Slider(0, side, value=side // 2, step=1, elem_id="keep-rows",
-                                              label=f"keep_rows (rows of image tokens kept, of {side})")
+                        keep_rows = gr.Slider(0, side, value=0, step=1, elem_id="keep-rows",
+                                              label=f"keep_rows (top rows of image tokens kept exactly, of {side})")
                         vary = gr.Button("Make variations", variant="primary", elem_id="vary")
                 vary_status, vary_gallery, vary_download = _results("vary-")
         with gr.Accordion("Advanced", open=False):
@@ -167,10 +177,13 @@ def build_demo(space: Space) -> gr.Blocks:
         gr.on([run.click, prompt.submit], space.run, inputs=[prompt, model, *options],
               outputs=[gallery, seed, status, download], show_progress_on=[status], api_visibility="private",
               **generating)
-        gr.on([vary.click, vary_prompt.submit], space.vary_page, inputs=[upload, vary_prompt, keep_rows, model, *options],
+        gr.on([vary.click, vary_prompt.submit], space.vary_page,
+              inputs=[upload, vary_prompt, strength, keep_rows, model, *options],
               outputs=[vary_gallery, seed, vary_status, vary_download], show_progress_on=[vary_status],
               api_visibility="private",
               **generating)
+        vary_prompt.change(space.strength_for_prompt, [vary_prompt, strength], strength, queue=False,
+                           show_progress="hidden", api_visibility="private")
         model.change(space.model_defaults, model, [num_images, candidates, temperature, top_k, top_p, condition_scale],
                      queue=False, show_progress="hidden", api_visibility="private")
 
@@ -189,7 +202,8 @@ def build_demo(space: Space) -> gr.Blocks:
             # checks exactly what was sent: animations, CMYK, sizes.
             gr.Button().click(space.variations,
                               [gr.File(label="image", type="filepath"), gr.Textbox(label="prompt"),
-                               _number("keep_rows", True, "rows of image tokens kept from the top"), *api_options, api_model],
+                               _number("keep_rows", True, "rows of image tokens kept from the top"), *api_options, api_model,
+                               _number("strength", False, STRENGTH.help)],
                               [api_files, api_record], api_name="variations", **generating)
     return demo
 
@@ -211,7 +225,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=TITLE + ": the demo page and its API.")
     parser.add_argument("--model", default=env("DALLE_MODEL"),
-                        help="model folder or published preset (mini, mega); default: the embedded model "
+                        help="model folder or published preset (mini, mega); default: the embedded model, or "
+                             "on a Space (SPACE_ID set) mini when its files are in the local hub cache "
                              "[env DALLE_MODEL]")
     parser.add_argument("--hub-models", default=env("DALLE_HUB_MODELS", "mini,mega"),
                         help="comma-separated further choices, loaded on first use [env DALLE_HUB_MODELS]")
@@ -226,12 +241,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="requests waiting beyond this are turned away [env DALLE_QUEUE_SIZE]")
     parser.add_argument("--concurrency", type=int, default=int(env("DALLE_CONCURRENCY", "1")),
                         help="requests running at once per model [env DALLE_CONCURRENCY]")
+    parser.add_argument("--batching", choices=["auto", "on", "off"], default=env("DALLE_BATCHING", "auto"),
+                        help="on: concurrent requests for a model share its sampler steps (model/scheduler.py); "
+                             "off: they take turns at --concurrency slots; auto: on for accelerators, off on "
+                             "a CPU, where a step costs about as much per row shared as alone (docs/serving.md) "
+                             "[env DALLE_BATCHING]")
+    parser.add_argument("--batch-requests", type=int, default=int(env("DALLE_BATCH_REQUESTS", "4")),
+                        help="with batching: requests sharing one batch [env DALLE_BATCH_REQUESTS]")
+    parser.add_argument("--batch-rows", type=int, default=int(env("DALLE_BATCH_ROWS", "128")),
+                        help="with batching: decoder rows (prompts x candidates) in one batch; a larger "
+                             "request runs alone [env DALLE_BATCH_ROWS]")
+    parser.add_argument("--per-caller", type=int, default=int(env("DALLE_PER_CALLER", "2")),
+                        help="requests one caller (session, or address behind a proxy) may have waiting or "
+                             "running; more are refused as busy [env DALLE_PER_CALLER]")
     parser.add_argument("--max-batch-prompts", type=int, default=int(env("DALLE_MAX_BATCH_PROMPTS", "8")),
                         help="prompts per /generate_batch call [env DALLE_MAX_BATCH_PROMPTS]")
     parser.add_argument("--compile-cache", default=env("JAX_COMPILATION_CACHE_DIR", str(default_compilation_cache())),
                         help="persistent XLA compilation cache folder, '' for none [env JAX_COMPILATION_CACHE_DIR]")
     args = parser.parse_args(argv)
-    for name in ("queue_size", "concurrency", "max_batch_prompts"):
+    for name in ("queue_size", "concurrency", "max_batch_prompts", "batch_requests", "batch_rows", "per_caller"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -243,16 +271,27 @@ def main(argv=None):
     if args.compile_cache:
         # Start-up compiles dominate; cached on disk they take a fraction of the time.
         enable_compilation_cache(args.compile_cache)
+    model = args.model
+    if model is None and os.environ.get("SPACE_ID"):
+        # On the Hub the page opens on mini when the Space's build preloaded it (README front matter:
+        # preload_from_hub), on the embedded model otherwise; decided before loading, asking no network.
+        model = "mini" if in_hub_cache("mini") else None
     try:
-        print(f"Loading model {args.model or 'embedded'} ...", flush=True)
-        primary = load_pipeline(args.model, compilation_cache=False, dtype=args.dtype)
+        print(f"Loading model {model or 'embedded'} ...", flush=True)
+        primary = load_pipeline(model, compilation_cache=False, dtype=args.dtype,
+                                progress=lambda line: print(line, flush=True))
         print("Warming up (compiling) ...", flush=True)
         primary.warmup()
     except CheckpointError as error:
         raise SystemExit(f"app.py: {error}") from None
     others = [name.strip() for name in args.hub_models.split(",") if name.strip()]
-    space = Space(Models(primary, others, args.concurrency, dtype=args.dtype), args.max_batch_prompts,
-                  Path(get_upload_folder()) / "dalle-outputs")
+    if model == "mini" and args.model is None:
+        others.append(EMBEDDED_NAME)  # opened on mini by default: the embedded model stays a choice
+    batching = args.batching == "on" or (args.batching == "auto" and jax.default_backend() != "cpu")
+    models = Models(primary, others, args.concurrency, dtype=args.dtype, batching=batching,
+                    batch_rows=args.batch_rows, batch_requests=args.batch_requests)
+    space = Space(models, args.max_batch_prompts, Path(get_upload_folder()) / "dalle-outputs",
+                  per_caller=args.per_caller)
     # Gradio keeps cached examples across restarts keyed by position only, so a cache left by another
     # model would be served; unless told otherwise, this process's cache lives and dies with it.
     examples_cache = None

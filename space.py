@@ -6,6 +6,7 @@ PNGs, answer. The API handlers answer (PNG files, JSON record); the page handler
 into a gallery. Every failure becomes a `gr.Error` with a message for people (`user_errors`).
 """
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -19,6 +20,7 @@ import traceback
 from pathlib import Path
 
 import gradio as gr
+from gradio.context import LocalContext
 from PIL import PngImagePlugin
 
 from model.clip_rank import SCORE_LABELS
@@ -26,7 +28,8 @@ from model.loading import cached_or_online
 from model.errors import CheckpointError, InvalidInputError
 from model.loading import load_pipeline
 from model.options import Options
-from model.pipeline import Progress, check_inputs, image_grid
+from model.pipeline import DEFAULT_EDIT_STRENGTH, DEFAULT_STRENGTH, MAX_ROWS, Progress, check_inputs, image_grid
+from model.scheduler import Scheduler
 
 EXAMPLE_SEED = 0  # cached examples are reproducible
 # Runs shorter than this show no previews: the final images arrive before a preview would help.
@@ -90,8 +93,13 @@ class Models:
     events is that times the number of models, so a slow model does not block the others.
     """
 
-    def __init__(self, primary, others, concurrency: int, dtype=None):
+    def __init__(self, primary, others, concurrency: int, dtype=None, batching=False, batch_rows=MAX_ROWS,
+                 batch_requests=16):
         self.primary = primary.name
+        # Batching: each model's requests share sampler steps (model/scheduler.py) instead of taking
+        # turns at `concurrency` slots; a batch holds up to batch_rows decoder rows and batch_requests requests.
+        self.batching, self.batch_rows, self.batch_requests = batching, batch_rows, batch_requests
+        self._schedulers = {}
         self.names = [primary.name] + [name for name in others if name != primary.name]
         self.concurrency = concurrency
         self.dtype = dtype  # for the models loaded on first use; None: the device's default
@@ -100,16 +108,23 @@ class Models:
         self._slots = {name: threading.BoundedSemaphore(concurrency) for name in self.names}
         self.unavailable = {name: "not available offline" for name in self.names[1:] if not cached_or_online(name)}
 
-    def get(self, name):
-        """The pipeline, loaded now if needed; a gr.Error when it cannot be."""
+    def get(self, name, progress=None):
+        """The pipeline, loaded now if needed (`progress` called with a line per loading step, besides the
+        log); a gr.Error when it cannot be."""
         # Gradio's Dropdown lets a list of valid choices through even without multiselect.
         if not isinstance(name, str) or name not in self._load_locks:
             raise gr.Error(f"model must be one of {self.names}, got {name!r}.")
         with self._load_locks[name]:
             if name not in self._pipes:
+                say = progress or (lambda message: None)
                 print(f"Loading model {name!r} on first use ...", flush=True)
+                say(f"Loading {name} (first use) ...")
+
+                def step(message):
+                    print(message, flush=True)
+                    say(message)
                 try:
-                    self._pipes[name] = load_pipeline(name, compilation_cache=False, dtype=self.dtype)
+                    self._pipes[name] = load_pipeline(name, compilation_cache=False, dtype=self.dtype, progress=step)
                 except CheckpointError as error:
                     print(f"Model {name!r} failed to load: {error}", file=sys.stderr, flush=True)
                     self.unavailable[name] = "failed to load"
@@ -130,9 +145,38 @@ class Models:
     def slot(self, name):
         return self._slots[name]
 
+    def run(self, name, pipe, request, preview_every=None, previews_after_s=0.0):
+        """Samples a checked request of model `name`: in its shared batches when batching, else in
+        one of its `concurrency` slots. Closing the stream withdraws the request at the next chunk."""
+        if not self.batching:
+            with self.slot(name):
+                yield from pipe.run(request, preview_every, previews_after_s)
+            return
+        with self._load_locks[name]:
+            if name not in self._schedulers:
+                self._schedulers[name] = Scheduler(pipe, self.batch_rows, self.batch_requests)
+        yield from self._schedulers[name].submit(request, preview_every, previews_after_s)
+
 
 # -------------------------------------------------------------------------------------------------
 # The serve path
+
+CURRENT = object()  # serve's caller: the one of the Gradio event being handled
+
+
+def caller_of(request) -> str | None:
+    """Who sent a Gradio request, for the per-caller limit: behind a proxy (a Space) the first address of
+    X-Forwarded-For, the visitor's; otherwise the Gradio session (one per page or API client), then
+    the peer address. None outside a request."""
+    if request is None:
+        return None
+    forwarded = (request.headers or {}).get("x-forwarded-for", "")
+    if forwarded.split(",")[0].strip():
+        return "ip " + forwarded.split(",")[0].strip()
+    if getattr(request, "session_hash", None):
+        return "session " + request.session_hash
+    client = getattr(request, "client", None)
+    return f"ip {client.host}" if client else None
 
 
 @dataclasses.dataclass
@@ -151,8 +195,12 @@ class Space:
     here under a fresh name and renamed into place, so no client can read a half-written file and
     concurrent identical requests never share one."""
 
-    def __init__(self, models: Models, max_batch_prompts: int, outputs: Path):
+    def __init__(self, models: Models, max_batch_prompts: int, outputs: Path, per_caller: int | None = None):
         self.models = models
+        # Fairness: one caller holds at most this many requests in line or running (None: no limit).
+        self.per_caller = per_caller
+        self._places = collections.Counter()
+        self._places_lock = threading.Lock()
         self.max_batch_prompts = max_batch_prompts
         self.outputs = outputs
         outputs.mkdir(parents=True, exist_ok=True)
@@ -163,16 +211,18 @@ class Space:
         self.preview_every = max(1, primary.bart_config.image_length // 4)
         self.latent_size = primary.vqgan_config.latent_size  # rows of image tokens (keep_rows range)
 
-    def serve(self, model, preview_every=None, **inputs):
+    def serve(self, model, preview_every=None, loading=None, caller=CURRENT, **inputs):
         """The one path of every request: yields `Progress` while sampling (a point where Gradio may
-        stop a cancelled request, freeing the slot at once), then the `Answer`."""
+        stop a cancelled request, freeing the slot at once), then the `Answer`. `loading`: told each
+        step of loading a model on first use. `caller`: who asks (see `caller_of`; None: no limit), by
+        default the caller of the Gradio event being handled."""
         checked = check_inputs(**inputs)  # before the model: a typo never waits for a load
         model = model or self.models.primary
-        pipe = self.models.get(model)
+        pipe = self.models.get(model, loading)
         request = pipe.complete(checked)
         start = time.perf_counter()
-        with self.models.slot(model):
-            for item in pipe.run(request, preview_every, PREVIEWS_AFTER_S):
+        with self._place(caller_of(LocalContext.request.get(None)) if caller is CURRENT else caller):
+            for item in self.models.run(model, pipe, request, preview_every, PREVIEWS_AFTER_S):
                 if isinstance(item, Progress):
                     yield item
                 else:
@@ -180,6 +230,26 @@ class Space:
         files = [self._write_pngs(r.images, {"prompt": r.prompt, "model": model, "seed": str(r.seed)})
                  for r in results]
         yield Answer(model, results, files, time.perf_counter() - start, pipe.dtype)
+
+    @contextlib.contextmanager
+    def _place(self, caller):
+        """One of `caller`'s places for a request, held while it waits and runs; a gr.Error when the
+        caller already holds `per_caller` of them."""
+        if caller is None or self.per_caller is None:
+            yield
+            return
+        with self._places_lock:
+            if self._places[caller] >= self.per_caller:
+                many = "request" if self.per_caller == 1 else "requests"
+                raise gr.Error(f"Busy: you already have {self.per_caller} {many} running; wait for one to finish.")
+            self._places[caller] += 1
+        try:
+            yield
+        finally:
+            with self._places_lock:
+                self._places[caller] -= 1
+                if not self._places[caller]:
+                    del self._places[caller]
 
     # API --------------------------------------------------------------------------------------
 
@@ -218,14 +288,16 @@ class Space:
 
     @handler
     def variations(self, image, prompt=None, keep_rows=None, num_images=None, seed=None, temperature=None,
-                   top_k=None, top_p=None, condition_scale=None, candidates=None, model=None):
-        """Variations of an uploaded image: its top `keep_rows` rows of image tokens kept exactly, the
-        rest sampled (following `prompt` when given); PNG files best first and a JSON record."""
+                   top_k=None, top_p=None, condition_scale=None, candidates=None, model=None, strength=None):
+        """Variations of an uploaded image: its top `keep_rows` rows of image tokens kept exactly, the others
+        sampled with a pull of `strength` (0..1) toward the upload's (following `prompt` when given); PNG
+        files best first and a JSON record. `strength` is last: older positional callers keep working."""
         if not image:
             raise gr.Error("image is missing: upload a PNG or JPEG file.")
         answer = yield from self._api(model, image=image, prompt=prompt or None, keep_rows=keep_rows,
-                                      num_images=num_images, seed=seed, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, condition_scale=condition_scale, candidates=candidates)
+                                      strength=strength, num_images=num_images, seed=seed, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, condition_scale=condition_scale,
+                                      candidates=candidates)
         yield answer.files[0], _record(answer)
 
     def _api(self, model, **inputs):
@@ -247,14 +319,24 @@ class Space:
                               condition_scale=condition_scale)
 
     @handler
-    def vary_page(self, image, prompt, keep_rows, model, num_images, candidates, seed, randomize, temperature,
-                  top_k, top_p, condition_scale, progress=gr.Progress()):
-        """The Variations tab: the upload's top rows kept, the rest sampled (following the prompt if any)."""
+    def vary_page(self, image, prompt, strength, keep_rows, model, num_images, candidates, seed, randomize,
+                  temperature, top_k, top_p, condition_scale, progress=gr.Progress()):
+        """The Variations tab: as /variations, with previews (the prompt, if any, steers)."""
         if not image:
             raise gr.Error("Upload an image first.")
-        yield from self._page(model, progress, image=image, prompt=prompt or None, keep_rows=keep_rows,
+        yield from self._page(model, progress, image=image, prompt=prompt or None, keep_rows=keep_rows, strength=strength,
                               num_images=num_images, candidates=candidates, seed=None if randomize else seed,
                               temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale)
+
+    @staticmethod
+    def strength_for_prompt(prompt, strength):
+        """The Variations tab's slider moves between the two defaults as a prompt is typed or cleared;
+        a strength the person set stays."""
+        defaults = {DEFAULT_STRENGTH: DEFAULT_EDIT_STRENGTH, DEFAULT_EDIT_STRENGTH: DEFAULT_STRENGTH}
+        has_prompt = bool(str(prompt or "").strip())
+        if strength in defaults and (strength == DEFAULT_STRENGTH) == has_prompt:
+            return defaults[strength]
+        return gr.skip()
 
     @handler
     def run_example(self, prompt):
@@ -266,7 +348,7 @@ class Space:
     def _page(self, model, progress, **inputs):
         """`serve` for the page: a progress bar and previews in the gallery, then the scored images."""
         progress(0.0, desc="Sampling image tokens")
-        for item in self.serve(model, self.preview_every, **inputs):
+        for item in self.serve(model, self.preview_every, lambda message: progress(0.0, desc=message), **inputs):
             if not isinstance(item, Progress):
                 yield _page_outputs(item, self._write_grid(item))
                 return

@@ -25,6 +25,12 @@ Check: once the servers are stopped (so it takes no CPU from them), the pipeline
 every answer's PNGs must be pixel-identical to `generate(prompt, num_images=k, seed=s)` of its own
 request, and its record must name that prompt and seed.
 
+Batching comparison (--compare 1,8,32): one server with `--batching off` and one with `--batching on`
+(the same build and flags otherwise; --batch-requests for the batch size) each get the same plan of
+--compare-total requests at each client count in turn (spread over that many clients); requests/s and
+p50/p95 latency per (mode, clients), every answer checked pixel for pixel as above (a prompt and seed
+generated once for both modes). Only this phase runs with --compare.
+
 Passes (exit 0) with every request served and right, none turned away under load, the overflow as
 above, and the server's RSS after 500 answers within 10% of that after 50. Everything stops at
 --time-limit, counted from the start with the servers' start-up; whatever is unfinished then fails.
@@ -107,6 +113,54 @@ def app_server(model, workdir: Path, deadline: float, queue_size: int, concurren
         server.stop()
 
 
+def run_compare(args, deadline: float) -> dict:
+    """The same requests at each client count, first against `--batching off`, then `on`; every answer
+    checked. Returns {"runs": [...], "verdicts": {...}, "table": str}."""
+    levels = [int(level) for level in args.compare.split(",")]
+    plan = plan_requests(args.compare_total * len(levels), args.seed)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="load-compare-") as tmp:
+        for mode in ("off", "on"):
+            flags = ["--queue-size", str(args.queue_size), "--concurrency", str(args.concurrency), "--batching", mode,
+                     "--batch-requests", str(args.batch_requests), "--per-caller", "2"]
+            server = AppServer(args.model, Path(tmp), *flags)
+            try:
+                server.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+                for index, clients in enumerate(levels):
+                    requests = [dataclasses.replace(r) for r in
+                                plan[index * args.compare_total:(index + 1) * args.compare_total]]
+                    print(f"batching {mode}: {clients} clients x {len(requests) // clients} requests ...", flush=True)
+                    load = run_load(server.url, requests, clients, args.num_images, deadline, Path(tmp))
+                    runs.append({"batching": mode, "clients": clients, "seconds": load["seconds"], "requests": requests})
+            except BaseException:
+                print(f"server log (tail):\n{server.log()}", file=sys.stderr)
+                raise
+            finally:
+                server.stop()
+    print("checking every answer against the pipeline run here ...", flush=True)
+    check_answers([r for run in runs for r in run["requests"]], load_pipeline(args.model), args.num_images, deadline)
+    for run in runs:
+        run["summary"] = summarize(run["requests"], run["seconds"])
+    for line in problems([r for run in runs for r in run["requests"]]):
+        print("  " + line)
+    summary = {(run["batching"], run["clients"]): run["summary"] for run in runs}
+    verdicts = {"compare: every request served and pixel-identical to generate alone":
+                all(s["ok"] == s["requests"] and s["mismatched"] == s["unchecked"] == 0 for s in summary.values())}
+    lines = [f"/generate, {args.num_images} images per request, model {args.model or 'embedded'}, "
+             f"{args.compare_total} requests per row; on: --batch-requests {args.batch_requests}",
+             f"{'clients':>8s}{'batching':>10s}{'requests/s':>12s}{'p50 (s)':>10s}{'p95 (s)':>10s}"
+             f"{'served':>8s}{'wrong':>7s}{'speed-up':>10s}"]
+    for (mode, clients), s in summary.items():
+        off = summary.get(("off", clients), {}).get("throughput_rps")
+        gain = s["throughput_rps"] / off if off and s["throughput_rps"] else None
+        lines.append(f"{clients:8d}{mode:>10s}{_cell(s['throughput_rps'], 2):>12s}{_cell(s['p50_s'], 2):>10s}"
+                     f"{_cell(s['p95_s'], 2):>10s}{s['ok']:>8d}{s['mismatched']:>7d}{_cell(gain, 2):>10s}")
+    lines += ["", *(f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in verdicts.items())]
+    for run in runs:
+        run["requests"] = [_as_json(r) for r in run["requests"]]
+    return {"runs": runs, "verdicts": verdicts, "table": "\n".join(lines)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
@@ -122,6 +176,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overflow-clients", type=int, default=12,
                         help="simultaneous requests in the overflow phase (0: no overflow phase)")
     parser.add_argument("--overflow-queue-size", type=int, default=2, help="app.py --queue-size there")
+    parser.add_argument("--compare", help="client counts, e.g. 1,8,32: run only the batching off/on comparison")
+    parser.add_argument("--compare-total", type=int, default=32, help="requests per client count in --compare")
+    parser.add_argument("--batch-requests", type=int, default=16, help="app.py --batch-requests with batching on")
     parser.add_argument("--seed", type=int, default=0, help="the first request's seed; the others count up")
     parser.add_argument("--time-limit", type=float, default=1800, help="seconds for everything, start-up included")
     parser.add_argument("--out", help="JSON file (default benchmarks/results/load_test-<time>.json)")
@@ -162,6 +219,17 @@ def main(argv=None) -> int:
     # Loopback only: gradio_client reports usage to Gradio unless this is off (its analytics_enabled=False
     # alone does not turn it off).
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+    if args.compare:
+        compare = run_compare(args, deadline)
+        print("\n" + compare["table"])
+        out = Path(args.out or ROOT / "benchmarks" / "results" / f"load_compare-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"started": started, "argv": sys.argv[1:] if argv is None else argv,
+                                   "settings": vars(args), "device": jax.devices()[0].device_kind,
+                                   "cpus": os.cpu_count(), **compare}, indent=1))
+        print(f"\nwrote {out}")
+        return 0 if all(compare["verdicts"].values()) else 1
 
     load_count = args.clients * args.requests
     planned = plan_requests(load_count + (args.overflow_clients + 1 if args.overflow_clients else 0), args.seed)

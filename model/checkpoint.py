@@ -60,18 +60,17 @@ def resolve_folder(path_or_repo, revision=None, allow_patterns=None) -> Path:
         RevisionNotFoundError,
     )
 
+    where = f"Hub repo {path_or_repo!r} (revision {revision or 'main'})"
     try:
         return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=allow_patterns))
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as error:
+        raise CheckpointError(f"{where} is not available: {' '.join(str(error).split())}") from None
+    except (LocalEntryNotFoundError, OSError) as error:  # IncompleteSnapshotError too: a partial download
         raise CheckpointError(
-            f"Hub repo {path_or_repo!r} (revision {revision or 'main'}) is not available: {error}"
-        ) from None
-    except (LocalEntryNotFoundError, OSError) as error:
-        raise CheckpointError(
-            f"Could not download {path_or_repo!r} from the Hugging Face hub ({type(error).__name__}): the hub "
-            "is unreachable from this machine or offline mode is on (HF_HUB_OFFLINE). Download the repo on a "
-            "machine with access (`hf download " + str(path_or_repo) + " --local-dir FOLDER`) and pass that "
-            "local folder instead."
+            f"{where} is not in the local hub cache, or only partly ({type(error).__name__}), and cannot be "
+            "downloaded: the hub is unreachable from this machine or offline mode is on (HF_HUB_OFFLINE). "
+            f"Download it on a machine with access (`hf download {path_or_repo} --revision {revision or 'main'} "
+            "--local-dir FOLDER`) and pass that local folder instead."
         ) from None
 
 

@@ -1,6 +1,7 @@
 """Command line: python -m model.generate "a prompt" --num-images 9 --seed 0 --out grid.png
 
-Variations of an image: python -m model.generate --image photo.png --keep-rows 8 ["optional prompt"]
+Variations of an image: python -m model.generate --image photo.png [--strength 0.75] ["optional prompt"]
+(--keep-rows N keeps the top N rows of codes exactly; alone it leaves the rest free, strength 0)
 
 Writes a grid PNG (--out) and/or one PNG per image (--out-dir), best CLIP score first, and prints the
 seed so a run can be repeated. --model takes the embedded model (default), "mini", "mega" or a folder.
@@ -28,8 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.add_argument("--" + knob.name.replace("_", "-"), type=knob.kind, default=None,
                             help=knob.help)
     parser.add_argument("--image", type=Path, default=None,
-                        help="make variations of this image: its top --keep-rows rows of codes are kept")
-    parser.add_argument("--keep-rows", type=int, default=None, help="code rows of --image to keep (default: half)")
+                        help="make variations of this image (with a prompt: edits of it)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="0..1: how closely every code follows --image's (0 = ignore it, 1 = copy it; "
+                             "default 0.75, 0.35 with a prompt; 0 when only --keep-rows is given)")
+    parser.add_argument("--keep-rows", type=int, default=None, help="top code rows of --image kept exactly (default 0)")
     parser.add_argument("--out", type=Path, default=None,
                         help="grid PNG to write (default grid.png unless --out-dir); with --image a strip: "
                              "original, reconstruction, variations")
@@ -37,8 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.prompt is None and args.image is None:
         parser.error("give a prompt, an --image, or both")
-    if args.keep_rows is not None and args.image is None:
-        parser.error("--keep-rows needs --image")
+    for name in ("keep_rows", "strength"):
+        if getattr(args, name) is not None and args.image is None:
+            parser.error(f"--{name.replace('_', '-')} needs --image")
     if args.out is None and args.out_dir is None:
         args.out = Path("grid.png")
     return args
@@ -82,7 +87,8 @@ def main(argv=None) -> int:
     # Everything the user typed is checked before the (for the published models, minute-long) load,
     # and the outputs before sampling, so a typo never costs a generation.
     try:
-        inputs = check_inputs(args.prompt, image=args.image and str(args.image), keep_rows=args.keep_rows, **options)
+        inputs = check_inputs(args.prompt, image=args.image and str(args.image), keep_rows=args.keep_rows,
+                              strength=args.strength, **options)
         check_outputs(args.out, args.out_dir)
         pipe = load_pipeline(args.model, dtype=args.dtype)
         request = pipe.complete(inputs)

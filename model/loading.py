@@ -29,25 +29,43 @@ from model.pipeline import Pipeline, return_freed_memory
 from model.text import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TextNormalizer, load_bart_tokenizer, load_clip_tokenizer
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "emoji"
+EMBEDDED_NAME = "emoji"  # what load_pipeline and the app's model choice call the embedded model
 PIPELINE_FILE = "pipeline.json"
 
-# Published models: (hub repo, revision) per stage. Revisions pin what the loaders were written for;
-# the VQGAN revision is the one the dalle-mini inference notebook pins.
+# Published models: (hub repo, revision) per stage, each pinned to a commit so that a load gets the
+# files the loaders were written and tested for. Where each commit id comes from:
+# - dalle-mini/dalle-mini bad05d391acb8c5a48f8b25e6f38613d92b60ee6: the Hub's file listing at that
+#   commit (huggingface.co/dalle-mini/dalle-mini/tree/bad05d3...): flax_model.msgpack 1.75 GB "push
+#   wandb artif dalle-mini/dalle-mini/mini-1:v0", the mini-1:v0 the inference notebook loads.
+# - dalle-mini/dalle-mega f815ffa5bdab671dfdb6aa4e0f749b7228dc8d9a: the Hub's file listing at that
+#   commit (huggingface.co/dalle-mini/dalle-mega/tree/f815ffa...): flax_model.msgpack 10.4 GB "Push
+#   wandb artifact dalle-mini/dalle-mini/mega-1:v16".
+# - dalle-mini/vqgan_imagenet_f16_16384 e93a26e7707683d349bf5d5c41c5b0ef69b677a9: VQGAN_COMMIT_ID of
+#   dalle-mini's inference notebook (tools/inference/inference_pipeline.ipynb).
+# - openai/clip-vit-base-patch32 3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268: the revision public projects
+#   pin for this repo (CLIPModel.from_pretrained(..., revision=...)) and hold in their hub caches.
+# The README's front matter preloads the same files at the same commits on the Space (tests/test_hub_cache.py).
+MINI = ("dalle-mini/dalle-mini", "bad05d391acb8c5a48f8b25e6f38613d92b60ee6")
+MEGA = ("dalle-mini/dalle-mega", "f815ffa5bdab671dfdb6aa4e0f749b7228dc8d9a")
+VQGAN = ("dalle-mini/vqgan_imagenet_f16_16384", "e93a26e7707683d349bf5d5c41c5b0ef69b677a9")
+CLIP = ("openai/clip-vit-base-patch32", "3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268")
 PRESETS = {
-    "mini": {
-        "bart": ("dalle-mini/dalle-mini", None),
-        "vqgan": ("dalle-mini/vqgan_imagenet_f16_16384", "e93a26e7707683d349bf5d5c41c5b0ef69b677a9"),
-        "clip": ("openai/clip-vit-base-patch32", None),
-    },
-    "mega": {
-        "bart": ("dalle-mini/dalle-mega", None),
-        "vqgan": ("dalle-mini/vqgan_imagenet_f16_16384", "e93a26e7707683d349bf5d5c41c5b0ef69b677a9"),
-        "clip": ("openai/clip-vit-base-patch32", None),
-    },
+    "mini": {"bart": MINI, "vqgan": VQGAN, "clip": CLIP},
+    "mega": {"bart": MEGA, "vqgan": VQGAN, "clip": CLIP},
 }
+# The files a load reads from each stage's repo (and all it fetches: not the README, nor CLIP's
+# PyTorch and TensorFlow weights). The first two must be there; the loaders check the others.
+_TOKENIZER = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HUB_FILES = {
+    "bart": ("config.json", "flax_model.msgpack", *_TOKENIZER, "enwiki-words-frequency.txt"),
+    "vqgan": ("config.json", "flax_model.msgpack"),
+    "clip": ("config.json", "flax_model.msgpack", *_TOKENIZER, "preprocessor_config.json"),
+}
+_REQUIRED = 2
+STAGE_NAMES = {"bart": "DalleBart", "vqgan": "VQGAN", "clip": "CLIP"}
 
 
-def load_pipeline(name_or_path=None, mesh=None, compilation_cache=True, dtype=None) -> Pipeline:
+def load_pipeline(name_or_path=None, mesh=None, compilation_cache=True, dtype=None, progress=None) -> Pipeline:
     """The embedded emoji model (no argument), a published preset ("mini", "mega") or a folder with
     bart/, vqgan/, clip/ sub-folders (and optionally pipeline.json with defaults).
 
@@ -58,17 +76,20 @@ def load_pipeline(name_or_path=None, mesh=None, compilation_cache=True, dtype=No
     stored in on the device; None picks one for the device (`default_dtype`). Norms, softmax, the
     logits the sampler reads and the VQGAN's and CLIP's math stay float32 (docs/precision.md).
     A model that will not fit the device's free memory is refused before its weights are read.
+    `progress`: called with a line per step ("Loading mini: DalleBart (1/3) ..."), e.g. `print`.
     """
+    say = progress or (lambda message: None)
     dtype = resolve_dtype(dtype, jax.devices()[0] if mesh is None else mesh.devices.flat[0])
     if compilation_cache:
         enable_compilation_cache()
-    if name_or_path is None:
+    if name_or_path is None or name_or_path == EMBEDDED_NAME:
         if not (EMBEDDED_MODEL / "bart" / "config.json").is_file():
             raise CheckpointError(f"The embedded model is missing: {EMBEDDED_MODEL} holds no bart/config.json.")
         name_or_path = EMBEDDED_MODEL
     if isinstance(name_or_path, str) and name_or_path in PRESETS:
+        say(f"Loading {name_or_path}: its files, from the local hub cache or downloaded ...")
         preset = PRESETS[name_or_path]
-        folders = {stage: resolve_folder(repo, revision) for stage, (repo, revision) in preset.items()}
+        folders = {stage: _hub_folder(stage, repo, revision) for stage, (repo, revision) in preset.items()}
         info, name = {"name": name_or_path}, name_or_path
     else:
         root = Path(name_or_path)
@@ -85,12 +106,15 @@ def load_pipeline(name_or_path=None, mesh=None, compilation_cache=True, dtype=No
     defaults = _defaults(info, root=folders["bart"].parent)
     if mesh is None:
         check_fits(folders, dtype, defaults, name, jax.devices()[0])
+    say(f"Loading {name}: {STAGE_NAMES['bart']} (1/3) ...")
     bart, bart_params = load_dalle_bart(folders["bart"], dtype=dtype)
     # Only the decoding layout is kept, so the decoder's weights are in memory once. Building it copies
     # the decoder while the loaded stack still exists: built before the other stages load, that copy
     # stays below the memory the loaded pipeline holds.
     bart_params = bart_decode.decoding_params(sharding.place_params(bart_params, mesh, model_parallel_rules=True))
+    say(f"Loading {name}: {STAGE_NAMES['vqgan']} (2/3) ...")
     vqgan, vqgan_params = load_vqgan(folders["vqgan"], dtype=dtype)
+    say(f"Loading {name}: {STAGE_NAMES['clip']} (3/3) ...")
     clip, clip_params = load_clip(folders["clip"], dtype=dtype)
     word_file = folders["bart"] / "enwiki-words-frequency.txt"
     normalizer = TextNormalizer(word_file if word_file.is_file() else None) if bart.config.normalize_text else None
@@ -108,17 +132,37 @@ def load_pipeline(name_or_path=None, mesh=None, compilation_cache=True, dtype=No
     return pipeline
 
 
+def _hub_folder(stage: str, repo: str, revision: str) -> Path:
+    """The snapshot folder of a preset's stage, holding at least its config and weights."""
+    folder = resolve_folder(repo, revision, allow_patterns=list(HUB_FILES[stage]))
+    for file in HUB_FILES[stage][:_REQUIRED]:
+        if not (folder / file).is_file():
+            # Offline, huggingface_hub returns a cached snapshot folder as it is, even incomplete.
+            raise CheckpointError(f"Hub repo {repo!r} (revision {revision}) is incomplete in the local hub cache: "
+                                  f"{folder} has no {file}. Download it again with hub access "
+                                  f"(`hf download {repo} --revision {revision}`).")
+    return folder
+
+
+def in_hub_cache(name: str) -> bool:
+    """Whether a preset's configs and weights are all in the local hub cache at its pinned revisions
+    (e.g. preloaded on a Space). Asks no network; False for names other than presets."""
+    if name not in PRESETS:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    return all(isinstance(try_to_load_from_cache(repo, file, revision=revision), str)
+               for stage, (repo, revision) in PRESETS[name].items() for file in HUB_FILES[stage][:_REQUIRED])
+
+
 def cached_or_online(name: str) -> bool:
     """Whether a preset can load here: its files are in the local hub cache, or the hub may be asked
     (HF_HUB_OFFLINE is off). Asks no network; names other than presets count as loadable."""
     if name not in PRESETS:
         return True
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
 
-    if not constants.HF_HUB_OFFLINE:
-        return True
-    return all(isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str)
-               for repo, revision in PRESETS[name].values())
+    return not constants.HF_HUB_OFFLINE or in_hub_cache(name)
 
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image
 
 from model import bart as bart_lib
-from model import bart_decode, sampling, sharding, xla_options
+from model import bart_decode, batching, sharding, xla_options
 from model.clip_rank import Reranker, float32_params
 from model.errors import CheckpointError, InvalidInputError
-from model.options import Options, check_count
+from model.options import Knob, Options, check_count
 from model.text import tokenize_prompts
 from model.validation import clean_image, clean_prompt, clean_prompts, fit_image
 
@@ -36,6 +36,15 @@ MAX_ROWS = 128  # sampled images per call (prompts x candidates): bounds memory 
 # Decoding runs in chunks of this many steps: the points where progress is reported and where a
 # consumer may stop the work by closing the stream.
 CHUNK_STEPS = 32
+# Variations: how strongly every image token is pulled toward the upload's (model.sampling), 0..1.
+STRENGTH = Knob("strength", float, 0.0, 1.0, "how closely variations follow the upload: 0 = ignore it, "
+                "1 = reproduce it", step=0.05)
+# Variations given neither keep_rows nor strength: no rows kept, every token steered at the strength
+# for its kind (measured on the emoji model, docs/variations.md): without a prompt the upload is the
+# only source of what to draw, so it pulls harder; with one, the prompt must be able to overrule it
+# (a new background or object). keep_rows alone keeps its old meaning (strength 0).
+DEFAULT_STRENGTH = 0.75  # no prompt
+DEFAULT_EDIT_STRENGTH = 0.35  # with a prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +56,7 @@ class Request:
     single: bool = True  # the prompt was one text: the result is one GenerationResult, not a list
     image: Image.Image | None = None  # variations: the upload, RGB
     keep_rows: int = 0  # variations: rows of the upload's image tokens kept as they are
+    strength: float = 0.0  # variations: pull of the other tokens toward the upload's (0 = none, 1 = copy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,20 +68,23 @@ class Inputs:
     image: Image.Image | None
     keep_rows: object  # checked against the model's rows of image tokens by Pipeline.complete
     options: dict  # the options given, checked (model.options.Options.check)
+    strength: float | None = None  # variations: checked, None = not given
 
 
-def check_inputs(prompt=None, *, image=None, keep_rows=None, **options) -> Inputs:
+def check_inputs(prompt=None, *, image=None, keep_rows=None, strength=None, **options) -> Inputs:
     """Prompts, upload and options checked once, before any model is needed (so a front end can refuse
     a typo before a minute-long load): InvalidInputError names the first bad input."""
     if image is None:
-        if keep_rows is not None:
-            raise InvalidInputError("keep_rows applies to variations of an image; give an image too.")
+        for name, value in (("keep_rows", keep_rows), ("strength", strength)):
+            if value is not None:
+                raise InvalidInputError(f"{name} applies to variations of an image; give an image too.")
         prompts, single = clean_prompts(prompt)
         upload = None
     else:
         upload = clean_image(image)
         prompts, single = ([clean_prompt(prompt)] if prompt is not None and str(prompt).strip() else []), True
-    return Inputs(tuple(prompts), single, upload, keep_rows, Options.check(**options))
+    strength = None if strength is None else STRENGTH.check(strength)
+    return Inputs(tuple(prompts), single, upload, keep_rows, Options.check(**options), strength)
 
 
 @dataclasses.dataclass
@@ -83,7 +96,7 @@ class GenerationResult:
     scores: list  # per image, descending, on the scale `score_kind` names (model.clip_rank)
     seed: int  # the seed used (random when none was given)
     codes: np.ndarray  # [num_images, image_length] int32 VQGAN codes, same order as images
-    parameters: dict  # every option as used, defaults filled in (keep_rows too for variations)
+    parameters: dict  # every option as used, defaults filled in (keep_rows, strength too for variations)
     score_kind: str = "clip_logit"  # or "image_similarity" (variations without a prompt)
 
 
@@ -148,45 +161,56 @@ class Pipeline:
         """
         return _last(self.run(self.request(prompt, **options)))
 
-    def vary(self, image, prompt=None, keep_rows=None, **options) -> GenerationResult:
-        """Variations of an image: its top `keep_rows` rows of codes kept exactly, the rest sampled.
+    def vary(self, image, prompt=None, keep_rows=None, strength=None, **options) -> GenerationResult:
+        """Variations of an image: its top `keep_rows` rows of codes kept exactly, and every other code
+        sampled with a pull of `strength` (0..1) toward the upload's code at its position: 0 ignores
+        the upload, 1 reproduces it (model.sampling).
 
-        With a prompt the rest follows the prompt (super-conditioned) and CLIP ranks by the prompt;
-        without one the rest is sampled unconditionally and ranked by CLIP image similarity to
-        `image`. keep_rows defaults to half the code rows; 0 with a prompt is plain text-to-image.
+        With a prompt the sampling follows the prompt (super-conditioned) and CLIP ranks by the prompt;
+        without one it is unconditional and ranked by CLIP image similarity to `image`. Neither given:
+        keep_rows 0 and strength DEFAULT_STRENGTH (DEFAULT_EDIT_STRENGTH with a prompt); only keep_rows
+        given: strength 0 (the rest sampled freely); only strength given: keep_rows 0. keep_rows 0 and strength 0 with a prompt is plain
+        text-to-image (same seed, same codes), without one unconditional generation.
         """
-        return _last(self.run(self.request(prompt, image=image, keep_rows=keep_rows, **options)))
+        return _last(self.run(self.request(prompt, image=image, keep_rows=keep_rows, strength=strength, **options)))
 
-    def stream(self, prompt=None, *, image=None, keep_rows=None, preview_every=None, **options) -> Iterator:
+    def stream(self, prompt=None, *, image=None, keep_rows=None, strength=None, preview_every=None,
+               **options) -> Iterator:
         """`generate` (or `vary`, given an image) as a stream: a `Progress` after every chunk of
         sampled tokens, with preview images every `preview_every` tokens, then the result."""
-        return self.run(self.request(prompt, image=image, keep_rows=keep_rows, **options), preview_every)
+        return self.run(self.request(prompt, image=image, keep_rows=keep_rows, strength=strength, **options),
+                        preview_every)
 
-    def request(self, prompt=None, *, image=None, keep_rows=None, **options) -> Request:
+    def request(self, prompt=None, *, image=None, keep_rows=None, strength=None, **options) -> Request:
         """Checks a call's inputs once (InvalidInputError naming the first bad one) and completes them
         with the model's defaults and, when none is given, a random seed."""
-        return self.complete(check_inputs(prompt, image=image, keep_rows=keep_rows, **options))
+        return self.complete(check_inputs(prompt, image=image, keep_rows=keep_rows, strength=strength, **options))
 
     def complete(self, inputs: Inputs) -> Request:
         """Inputs checked without a model (`check_inputs`) -> this model's Request: keep_rows within its
         rows of image tokens, its defaults for the options not given, the seed drawn if needed."""
-        keep_rows = 0
+        keep_rows, strength = 0, 0.0
         if inputs.image is not None:
             side = self.vqgan_config.latent_size
-            keep_rows = side // 2 if inputs.keep_rows is None else check_count("keep_rows", inputs.keep_rows, 0, side)
+            if inputs.keep_rows is not None:
+                keep_rows = check_count("keep_rows", inputs.keep_rows, 0, side)
+            if inputs.strength is not None:
+                strength = inputs.strength
+            elif inputs.keep_rows is None:
+                strength = DEFAULT_EDIT_STRENGTH if inputs.prompts else DEFAULT_STRENGTH
         resolved = dataclasses.replace(self.defaults, **inputs.options).resolved()
         rows = max(len(inputs.prompts), 1) * resolved.candidates
         if rows > MAX_ROWS:
             raise InvalidInputError(f"Too many images in one call: {max(len(inputs.prompts), 1)} prompts x "
                                     f"{resolved.candidates} candidates = {rows}; at most {MAX_ROWS}.")
-        return Request(inputs.prompts, resolved, inputs.single, inputs.image, keep_rows)
+        return Request(inputs.prompts, resolved, inputs.single, inputs.image, keep_rows, strength)
 
     def run(self, request: Request, preview_every: int | None = None, previews_after_s: float = 0.0) -> Iterator:
         """Samples a checked request: yields a `Progress` after every chunk of tokens (with preview
         images every `preview_every` tokens, once sampling has taken `previews_after_s` seconds; None:
         none), then the result (a `GenerationResult`, or a list of them for a list of prompts)."""
         results = yield from self._sample(request, preview_every, previews_after_s)
-        yield results[0] if request.single else results
+        yield answer(request, results)
 
     def encode_image(self, image) -> np.ndarray:
         """An image (PIL or uint8 array) -> its VQGAN codes [image_length], centre-cropped and resized
@@ -217,60 +241,35 @@ class Pipeline:
     def _sample(self, request: Request, preview_every, previews_after_s=0.0):
         """Samples `candidates` images per prompt (continuing the upload's kept rows for variations),
         yields progress, and returns the reranked results, one per prompt."""
-        cfg, options = self.bart_config, request.options
-        prompts = list(request.prompts) or [""]  # a variation without a prompt decodes unconditionally
-        use_guidance = bool(request.prompts) and options.condition_scale != 1.0
-        per_prompt = options.candidates
-        rows = len(prompts) * per_prompt
-        padded = sharding.bucket_rows(rows, self._data_devices)
-
-        # 1. Text -> encoder states, prompts and the empty (unconditional) prompt in one batch.
-        ids, mask = self._tokenize(prompts)
-        states = self._encode(self.bart_params, ids, mask)
-        # 2. One decoder row per candidate (padding rows repeat the last prompt and are dropped).
-        prompt_of_row = np.minimum(np.arange(padded) // per_prompt, len(prompts) - 1)
-        row_index = np.concatenate([prompt_of_row, np.full(padded, len(prompts))]) if use_guidance else prompt_of_row
-        cache = self._init_cache(self.bart_params, states, jnp.asarray(mask), rows=jnp.asarray(row_index, jnp.int32))
-        cache = sharding.shard_rows(cache, self.mesh)  # every cache array has its rows first
-        # 3. Sample codes in chunks; per-prompt keys make each prompt's images independent of the batch.
-        # Padding rows (discarded) reuse the first prompt's keys.
-        prompt_keys = sampling.row_keys(options.seed, max(per_prompt, padded - rows))
-        keys = jnp.concatenate([prompt_keys[:per_prompt]] * len(prompts) + [prompt_keys[: padded - rows]])
-        prefix, prefix_length = None, 0
-        if request.image is not None:
-            prefix = np.broadcast_to(self._image_codes(request.image), (padded, cfg.image_length))
-            prefix = sharding.shard_rows(jnp.asarray(prefix), self.mesh)
-            prefix_length = request.keep_rows * self.vqgan_config.latent_size
-        state = sampling.init_sampler(cache, sharding.shard_rows(keys, self.mesh), batch=padded,
-                                      image_length=cfg.image_length, start_token=cfg.decoder_start_token_id,
-                                      prefix=prefix, prefix_length=prefix_length)
-        knobs = sampling.sampling_knobs(padded, temperature=options.temperature, top_k=options.top_k,
-                                        top_p=options.top_p, condition_scale=options.condition_scale)
-        next_preview, started = preview_every, time.perf_counter()
-        for start in range(0, cfg.image_length, CHUNK_STEPS):
-            steps = min(CHUNK_STEPS, cfg.image_length - start)
-            state = sampling.sample_codes_chunk(
-                self._step_fn, self.bart_params, state, knobs, num_steps=steps,
-                num_real_codes=self.vqgan_config.n_embed, use_guidance=use_guidance)
-            done = start + steps
-            preview = None
-            if preview_every and next_preview <= done < cfg.image_length:
-                next_preview += preview_every
-                # A short run shows no previews: its final images come before a preview would help.
-                if time.perf_counter() - started >= previews_after_s:
-                    preview = self._preview(state.codes, done, len(prompts), per_prompt, options.num_images)
-            yield Progress(step=done, total=cfg.image_length, images=preview)
-        codes = sharding.to_host(state.codes)[:rows]
-        # The decoder's cache (0.5 GiB for a 3x3 grid at mini size) goes before VQGAN and CLIP run.
-        del state
+        batch = batching.start(self, [request])
+        previews = Previews(preview_every, previews_after_s)
+        while batch.done < batch.image_length:
+            batching.step(self, batch, CHUNK_STEPS)
+            codes = batch.host_codes()[batch.spans[0]] if previews.due(batch.done, batch.image_length) else None
+            yield Progress(step=batch.done, total=batch.image_length,
+                           images=None if codes is None else self.preview(request, codes, batch.done))
+        codes = batch.host_codes()[batch.spans[0]]
+        batch.close()
         return_freed_memory()
-        # 4. Pixels, then scores: CLIP against each image's own prompt, or against the upload.
+        return self.finish(request, codes)
+
+    def preview(self, request: Request, codes: np.ndarray, step: int) -> list:
+        """Preview images of a request's rows of codes after `step` tokens (see `_preview`)."""
+        options = request.options
+        return self._preview(codes, step, max(len(request.prompts), 1), options.candidates, options.num_images)
+
+    def finish(self, request: Request, codes: np.ndarray) -> list:
+        """A request's sampled codes [rows, image_length] -> its results, one per prompt: pixels, then
+        scores (CLIP against each image's own prompt, or against the upload), best first."""
+        options, per_prompt = request.options, request.options.candidates
+        prompts = list(request.prompts) or [""]
         pixels = self._pixels(codes)
         if request.prompts:
             scores, score_kind = self.reranker.by_prompt(prompts, pixels, per_prompt), "clip_logit"
         else:
             scores, score_kind = self.reranker.by_image(request.image, pixels), "image_similarity"
-        parameters = options.to_dict() | ({"keep_rows": request.keep_rows} if request.image is not None else {})
+        parameters = options.to_dict() | ({"keep_rows": request.keep_rows, "strength": request.strength}
+                                          if request.image is not None else {})
         results = []
         for p, text in enumerate(prompts):
             block = slice(p * per_prompt, (p + 1) * per_prompt)
@@ -324,6 +323,26 @@ class Pipeline:
         pixels[:, finished_rows * self.vqgan_config.downsample_factor:] = 255
         images = [Image.fromarray(image) for image in pixels]
         return [images[p * num_images:(p + 1) * num_images] for p in range(num_prompts)]
+
+
+def answer(request: Request, results: list):
+    """What `run` yields last: one GenerationResult for one prompt, the list for a list of prompts."""
+    return results[0] if request.single else results
+
+
+class Previews:
+    """When a stream shows a preview: every `every` tokens (None: never), once sampling has taken
+    `after_s` seconds (a short run's final images come before a preview would help)."""
+
+    def __init__(self, every: int | None, after_s: float = 0.0):
+        self.every, self.next, self.after_s = every, every, after_s
+        self.started = time.perf_counter()
+
+    def due(self, done: int, total: int) -> bool:
+        if not self.every or not self.next <= done < total:
+            return False
+        self.next += self.every
+        return time.perf_counter() - self.started >= self.after_s
 
 
 def _last(stream):

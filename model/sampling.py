@@ -33,6 +33,12 @@ Forced prefixes (image variations): rows may carry known codes for their first `
 positions; those steps feed the known code instead of a sample, so the cache sees exactly the
 given prefix and sampling continues from it. prefix_length 0 is plain sampling (same compile).
 
+Guided variations (per-row `strength` s in [0, 1], traced): past the prefix, the same `prefix` codes
+steer each step. After temperature and before top-k, the guide code g_t at position t gets
+`strength_bias(s) = STRENGTH_SCALE * s / (1 - s)` added to its logit, so its odds grow by e^bias
+while a code the model (or its prompt) strongly rules out still loses; s = 0 adds exactly 0 (plain
+sampling, same codes bit for bit) and s = 1 feeds g_t itself (the guide reproduced exactly).
+
 Randomness: row r's key at step t is fold_in(row_key[r], t), and `row_keys(seed, n)` gives row r
 fold_in(key(seed), r). A row's codes therefore depend only on (seed, row index within its request,
 knobs, model), not on the batch it was computed in, how rows are sharded, or on chunking.
@@ -58,6 +64,7 @@ class SamplingKnobs(NamedTuple):
     top_k: jax.Array  # int32; <= 0 means off
     top_p: jax.Array  # float32; >= 1 means off
     condition_scale: jax.Array  # float32; used only when sampling with guidance
+    strength: jax.Array  # float32 in [0, 1]; pull toward the `prefix` codes past prefix_length; 0 = off
 
 
 class SamplerState(NamedTuple):
@@ -68,11 +75,12 @@ class SamplerState(NamedTuple):
     codes: jax.Array  # [batch, image_length] int32, codes sampled so far (0 beyond `step`)
     step: jax.Array  # int32 scalar, the next position to run
     row_keys: jax.Array  # [batch] PRNG keys, one per row
-    prefix: jax.Array  # [batch, image_length] int32 known codes (used below prefix_length)
+    prefix: jax.Array  # [batch, image_length] int32 known codes (below prefix_length), guides beyond
     prefix_length: jax.Array  # [batch] int32, positions whose code is given rather than sampled
 
 
-def sampling_knobs(batch, *, temperature=1.0, top_k=0, top_p=1.0, condition_scale=1.0) -> SamplingKnobs:
+def sampling_knobs(batch, *, temperature=1.0, top_k=0, top_p=1.0, condition_scale=1.0,
+                   strength=0.0) -> SamplingKnobs:
     """Broadcasts scalars or per-row `[batch]` values to a `SamplingKnobs` of `[batch]` arrays.
 
     Fixed dtypes and shapes here are what keep Python floats, numpy values and jax arrays from
@@ -86,7 +94,19 @@ def sampling_knobs(batch, *, temperature=1.0, top_k=0, top_p=1.0, condition_scal
         top_k=per_row(top_k, jnp.int32),
         top_p=per_row(top_p, jnp.float32),
         condition_scale=per_row(condition_scale, jnp.float32),
+        strength=per_row(strength, jnp.float32),
     )
+
+
+# Logit bias at strength 0.5, in units of the final (temperature-scaled) logits: the guide code's odds
+# grow e^STRENGTH_SCALE-fold. Measured on the emoji model (docs/variations.md).
+STRENGTH_SCALE = 4.0
+
+
+def strength_bias(strength):
+    """`STRENGTH_SCALE * s / (1 - s)`: 0 at s = 0 exactly, +inf at s >= 1 (those rows are forced)."""
+    strength = jnp.asarray(strength, jnp.float32)
+    return jnp.where(strength >= 1, jnp.inf, STRENGTH_SCALE * strength / jnp.maximum(1 - strength, 1e-6))
 
 
 def row_keys(rng, batch: int) -> jax.Array:
@@ -117,7 +137,9 @@ def guided_logits(cond, uncond, condition_scale):
       `[batch, vocab]` guided logits.
     """
     scale = jnp.broadcast_to(jnp.asarray(condition_scale, cond.dtype), cond.shape[:1])[:, None]
-    return uncond + scale * (cond - uncond)
+    # Scale 1 is `cond` exactly: uncond + 1 * (cond - uncond) may differ from it in the last bit, and a
+    # row without guidance sharing a guided batch (a server's mixed batch) must sample as it does alone.
+    return jnp.where(scale == 1, cond, uncond + scale * (cond - uncond))
 
 
 def _order_keys(x):
@@ -140,13 +162,15 @@ def _largest_threshold(keys, reaches):
     return lax.fori_loop(0, 32, set_bit, jnp.zeros(keys.shape[:1], jnp.uint32))
 
 
-def filter_logits(logits, temperature, top_k, top_p, num_real_codes: int):
+def filter_logits(logits, temperature, top_k, top_p, num_real_codes: int, guide=None, bias=None):
     """Masks unreal ids, applies temperature, then top-k, then top-p (see the module docstring).
 
     Args:
       logits: `[batch, vocab]` float32 (already guided).
       temperature, top_k, top_p: scalars or per-row `[batch]` arrays (traced).
       num_real_codes: static; ids >= it are never sampled.
+      guide, bias: optional `[batch]` code and finite logit bias added to it after temperature, before
+        top-k (so a guide code outside the model's top-k can still be drawn); bias 0 changes nothing.
     Returns:
       `[batch, vocab]` float32: logits / temperature where kept, -inf elsewhere.
     """
@@ -158,6 +182,10 @@ def filter_logits(logits, temperature, top_k, top_p, num_real_codes: int):
     logits = jnp.where(jnp.arange(vocab) < num_real_codes, logits.astype(jnp.float32), -jnp.inf)
     greedy = temperature <= 0
     logits = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    if guide is not None:
+        # Only where bias != 0: adding 0 would turn a logit of -0.0 into +0.0, which top-k orders apart.
+        steered = (jnp.arange(vocab) == guide[:, None]) & (bias != 0)[:, None]
+        logits = jnp.where(steered, logits + bias[:, None], logits)
     # k = vocab keeps every id: the threshold drops to the smallest key, -inf included.
     k = jnp.where(greedy, 1, jnp.where(top_k <= 0, vocab, jnp.minimum(top_k, vocab)))
 
@@ -216,11 +244,14 @@ def _run_steps(step_fn, params, state, knobs, num_steps, num_real_codes, use_gui
         logits = logits.astype(jnp.float32)
         if use_guidance:
             logits = guided_logits(logits[:batch], logits[batch:], knobs.condition_scale)
-        logits = filter_logits(logits, knobs.temperature, knobs.top_k, knobs.top_p, num_real_codes)
+        known = lax.dynamic_index_in_dim(state.prefix, state.step, axis=1, keepdims=False)
+        # strength >= 1 is forced below; its bias stays finite here (inf would make softmax NaN).
+        bias = jnp.where(knobs.strength >= 1, 0.0, strength_bias(knobs.strength))
+        logits = filter_logits(logits, knobs.temperature, knobs.top_k, knobs.top_p, num_real_codes, known, bias)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.row_keys, state.step)
         tokens = _sample_rows(step_keys, logits)
-        known = lax.dynamic_index_in_dim(state.prefix, state.step, axis=1, keepdims=False)
-        tokens = jnp.where(state.step < state.prefix_length, known, tokens)
+        forced = (state.step < state.prefix_length) | (knobs.strength >= 1)
+        tokens = jnp.where(forced, known, tokens)
         codes = lax.dynamic_update_slice(state.codes, tokens[:, None], (0, state.step))
         return state._replace(cache=cache, tokens=tokens, codes=codes, step=state.step + 1)
 
@@ -308,6 +339,8 @@ def sample_codes(
     top_k=0,
     top_p=1.0,
     condition_scale=1.0,
+    strength=0.0,
+    guide=None,
 ) -> jax.Array:
     """Samples `[batch, image_length]` int32 codes in one jitted loop.
 
@@ -319,11 +352,13 @@ def sample_codes(
       rng: int seed, one key, or `[batch]` keys (see `row_keys`).
       use_guidance: static; pass False when condition_scale == 1 to skip the unconditional rows
         (condition_scale is then ignored).
-      temperature, top_k, top_p, condition_scale: scalars or per-row `[batch]`; traced.
+      temperature, top_k, top_p, condition_scale, strength: scalars or per-row `[batch]`; traced.
+      guide: optional `[batch, image_length]` codes that `strength` steers toward.
     """
-    state = init_sampler(cache, rng, batch=batch, image_length=image_length, start_token=start_token)
+    state = init_sampler(cache, rng, batch=batch, image_length=image_length, start_token=start_token, prefix=guide)
     knobs = sampling_knobs(
-        batch, temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
+        batch, temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale,
+        strength=strength,
     )
     state = sample_codes_chunk(
         step_fn, params, state, knobs,

@@ -142,14 +142,14 @@ def test_uploads_that_are_not_usable_images_are_clear_errors(server, name, make_
     status, answer = _upload(server, name, make_data())
     assert status == 200, answer
     file = {"path": answer[0], "meta": {"_type": "gradio.FileData"}, "orig_name": name}
-    event, payload = _call(server, "variations", [file, None, 1, 1, 0, None, None, None, None, None, None])
+    event, payload = _call(server, "variations", [file, None, 1, 1, 0, None, None, None, None, None, None, None])
     assert event == "error" and message in str(payload), payload
     assert server.alive()
 
 
 def test_variations_refuse_files_outside_the_upload_folder(server):
     file = {"path": str(REPO / "docs" / "emoji_examples.png"), "meta": {"_type": "gradio.FileData"}}
-    event, payload = _call(server, "variations", [file, None, 1, 1, 0, None, None, None, None, None, None])
+    event, payload = _call(server, "variations", [file, None, 1, 1, 0, None, None, None, None, None, None, None])
     assert event == "error" and "emoji_examples.png" in str(payload), payload
     assert server.alive()
 

@@ -162,3 +162,14 @@ def test_api_documents_optional_whole_number_options(server):
     assert kinds["prompt"] == (False, "str")
     assert kinds["num_images"] == (True, "int") and kinds["seed"] == (True, "int") and kinds["top_k"] == (True, "int")
     assert kinds["temperature"] == (True, "float") and kinds["condition_scale"] == (True, "float")
+
+
+def test_variations_take_strength_as_the_last_parameter(client, tmp_path):
+    upload = _upload(tmp_path, "strength.png", Image.new("RGB", (32, 32), (30, 80, 220)))
+    # Positional, as callers from before strength send it: image, prompt, keep_rows, options, model, strength.
+    files, record = client.predict(upload, None, None, 3, 4, None, None, None, None, None, None, 1.0,
+                                   api_name="/variations")
+    assert record["parameters"]["strength"] == 1.0 and record["parameters"]["keep_rows"] == 0
+    assert len(set(_png_bytes(files))) == 1  # strength 1: the upload's codes, three times
+    with pytest.raises(gradio_client.exceptions.AppError, match="strength must be between 0.0 and 1.0"):
+        client.predict(image=upload, prompt=None, strength=2, num_images=1, api_name="/variations")

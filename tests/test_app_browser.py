@@ -204,6 +204,8 @@ def test_a_phone_sees_prompt_run_and_the_first_row_without_sideways_scrolling(br
         phone.locator("#run").click()
         phone.wait_for_function("() => [...document.querySelectorAll('#gallery img')].length === 9"
                                 " && document.querySelector('#status').innerText.includes('Seed')")
+        phone.evaluate("window.scrollTo(300, 0)")
+        assert phone.evaluate("window.scrollX") == 0, "the page scrolls sideways"
         for selector in ("#prompt input", "#run"):
             box = phone.locator(selector).bounding_box()
             assert box["x"] >= 0 and box["x"] + box["width"] <= 390 and box["y"] + box["height"] <= 844, selector

@@ -135,6 +135,7 @@ def valid_inputs(images: Images) -> dict:
         "prompts": st.lists(PROMPTS, min_size=1, max_size=3),
         "image": st.just(images.uploaded),
         "keep_rows": st.none() | st.integers(0, KEEP_ROWS),
+        "strength": st.none() | st.floats(0, 1),
         "model": st.sampled_from([None, MODEL]),
     }
 
@@ -155,6 +156,7 @@ def targeted_inputs(images: Images) -> dict:
         "prompts": [[], [[prompt]], prompt, [prompt] * (MAX_BATCH_PROMPTS + 1), [prompt, None], ["\ud800"]],
         "image": images.foreign + images.malformed,
         "keep_rows": edges(0, KEEP_ROWS),
+        "strength": edges(0, 1),
         # "mini" and "mega" are offered but cannot load here (no hub): a clear error, not a crash.
         "model": ["mini", "mega", "", "TINY", [MODEL], [MODEL, "mini"]],
     }

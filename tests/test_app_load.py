@@ -27,8 +27,10 @@ def model(tmp_path_factory):
 def servers(model, tmp_path_factory):
     """The app with its default queue and with a queue of 2, started side by side to save time (ready
     once `pipe` is)."""
-    started = {"default": AppServer(model, tmp_path_factory.mktemp("app-load")),
-               "small queue": AppServer(model, tmp_path_factory.mktemp("app-queue"), "--queue-size", "2")}
+    # Batching on (auto leaves it off on a CPU) so the shared-batch path is served live here too.
+    started = {"default": AppServer(model, tmp_path_factory.mktemp("app-load"), "--batching", "on"),
+               "small queue": AppServer(model, tmp_path_factory.mktemp("app-queue"), "--queue-size", "2",
+                                        "--batching", "on")}
     try:
         yield started
     finally:

@@ -83,3 +83,12 @@ def test_library_files_are_readable_alone():
     files = [p for p in (REPO / "model").rglob("*.py")] + [REPO / "app.py", REPO / "space.py"]
     long = {str(p.relative_to(REPO)): n for p in files if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_the_space_installs_the_cpu_set_plus_jax_for_cuda_at_the_same_version():
+    space = (REPO / "requirements.txt").read_text().splitlines()
+    cpu = (REPO / "requirements-cpu.txt").read_text().splitlines()
+    lines = [line for line in space if line and not line.startswith("#")]
+    jax_pin = next(line for line in cpu if line.startswith("jax=="))
+    assert lines == ["-r requirements-cpu.txt", jax_pin.replace("jax==", "jax[cuda12]==")]
+    assert "-r requirements-cpu.txt" in (REPO / "requirements-dev.txt").read_text()  # tests stay CPU-only

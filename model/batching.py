@@ -1,0 +1,110 @@
+"""The rows of one or more requests sampled as one batch: what `Pipeline.run` samples for one request
+and what the server's scheduler (model/scheduler.py) samples for several at once.
+
+Every row carries its own settings, so a request's rows sample the same codes whatever shares the
+batch: its keys are `sampling.row_keys(seed)` by candidate index (as alone), its knobs are per-row
+traced values (no recompilation), its cross-attention rows see only its own prompt, and a row of a
+request without guidance inside a guided batch gets its conditional logits exactly
+(`sampling.guided_logits` at scale 1). The batch is padded to `sharding.bucket_rows` so compiled
+shapes repeat; padding rows copy the last real row and are dropped.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from model import sampling, sharding
+
+
+def guided(request) -> bool:
+    """Whether a request samples with super-conditioning (a prompt and a scale other than 1)."""
+    return bool(request.prompts) and request.options.condition_scale != 1.0
+
+
+def row_count(request) -> int:
+    """Decoder rows a request samples: its prompts (one for a variation without one) x candidates."""
+    return max(len(request.prompts), 1) * request.options.candidates
+
+
+@dataclasses.dataclass
+class Batch:
+    """Requests sampled together; request i owns rows `spans[i]` of `state`."""
+
+    requests: list
+    spans: list  # slices into the batch's rows
+    state: Any  # sampling.SamplerState; None once closed
+    knobs: sampling.SamplingKnobs
+    use_guidance: bool
+    image_length: int
+    done: int = 0  # tokens sampled per row so far
+
+    @property
+    def rows(self) -> int:
+        return self.state.codes.shape[0]
+
+    def host_codes(self) -> np.ndarray:
+        """Every row's codes so far, on the host (slice with `spans`)."""
+        return sharding.to_host(self.state.codes)
+
+    def close(self) -> None:
+        """Drops the decoder's cache (0.5 GiB for a 3x3 grid at mini size) before VQGAN and CLIP run."""
+        self.state = None
+
+
+def start(pipe, requests) -> Batch:
+    """Encodes the requests' prompts in one batch and builds the sampler's state and per-row knobs."""
+    cfg = pipe.bart_config
+    texts, row_text, keys, spans = [], [], [], []
+    knob_rows = {name: [] for name in ("temperature", "top_k", "top_p", "condition_scale", "strength")}
+    prefixes, prefix_lengths = [], []
+    use_guidance = any(guided(r) for r in requests)
+    for request in requests:
+        options, prompts = request.options, list(request.prompts) or [""]  # no prompt: unconditional
+        per_prompt, rows = options.candidates, row_count(request)
+        spans.append(slice(len(row_text), len(row_text) + rows))
+        row_text += [len(texts) + i // per_prompt for i in range(rows)]
+        texts += prompts
+        # Candidate c of every prompt gets fold_in(key(seed), c): the same keys alone or batched.
+        keys += [sampling.row_keys(options.seed, per_prompt)] * len(prompts)
+        values = {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,
+                  "condition_scale": options.condition_scale if guided(request) else 1.0,
+                  "strength": getattr(request, "strength", 0.0)}
+        for name, value in values.items():
+            knob_rows[name] += [value] * rows
+        codes = pipe._image_codes(request.image) if request.image is not None else None
+        prefixes.append(np.broadcast_to(codes if codes is not None else np.zeros(cfg.image_length, np.int32),
+                                        (rows, cfg.image_length)))
+        prefix_lengths += [request.keep_rows * pipe.vqgan_config.latent_size] * rows
+    real = len(row_text)
+    padded = sharding.bucket_rows(real, pipe._data_devices)
+    fill = np.minimum(np.arange(padded), real - 1)  # padding rows copy the last real row
+
+    # Text -> encoder states: every prompt and the empty (unconditional) prompt, which comes last.
+    ids, mask = pipe._tokenize(texts)
+    states = pipe._encode(pipe.bart_params, ids, mask)
+    row_index = np.asarray(row_text)[fill]
+    if use_guidance:
+        row_index = np.concatenate([row_index, np.full(padded, len(texts))])
+    cache = pipe._init_cache(pipe.bart_params, states, jnp.asarray(mask), rows=jnp.asarray(row_index, jnp.int32))
+    cache = sharding.shard_rows(cache, pipe.mesh)  # every cache array has its rows first
+    row_keys = jnp.concatenate(keys)[jnp.asarray(fill)]
+    prefix, prefix_length = None, 0
+    if any(r.image is not None for r in requests):
+        prefix = sharding.shard_rows(jnp.asarray(np.concatenate(prefixes)[fill]), pipe.mesh)
+        prefix_length = np.asarray(prefix_lengths, np.int32)[fill]
+    state = sampling.init_sampler(cache, sharding.shard_rows(row_keys, pipe.mesh), batch=padded,
+                                  image_length=cfg.image_length, start_token=cfg.decoder_start_token_id,
+                                  prefix=prefix, prefix_length=prefix_length)
+    knobs = sampling.sampling_knobs(padded, **{name: np.asarray(values)[fill] for name, values in knob_rows.items()})
+    return Batch(list(requests), spans, state, knobs, use_guidance, cfg.image_length)
+
+
+def step(pipe, batch: Batch, num_steps: int) -> None:
+    """Samples the next `num_steps` tokens of every row (at most to the end of the image)."""
+    num_steps = min(num_steps, batch.image_length - batch.done)
+    batch.state = sampling.sample_codes_chunk(pipe._step_fn, pipe.bart_params, batch.state, batch.knobs,
+                                              num_steps=num_steps, num_real_codes=pipe.vqgan_config.n_embed,
+                                              use_guidance=batch.use_guidance)
+    batch.done += num_steps
