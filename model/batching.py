@@ -57,7 +57,7 @@ def start(pipe, requests) -> Batch:
     """Encodes the requests' prompts in one batch and builds the sampler's state and per-row knobs."""
     cfg = pipe.bart_config
     texts, row_text, keys, spans = [], [], [], []
-    knob_rows = {name: [] for name in ("temperature", "top_k", "top_p", "condition_scale", "strength")}
+    knob_rows = {name: [] for name in sampling.SamplingKnobs._fields}
     prefixes, prefix_lengths = [], []
     use_guidance = any(guided(r) for r in requests)
     for request in requests:
@@ -68,11 +68,11 @@ def start(pipe, requests) -> Batch:
         texts += prompts
         # Candidate c of every prompt gets fold_in(key(seed), c): the same keys alone or batched.
         keys += [sampling.row_keys(options.seed, per_prompt)] * len(prompts)
-        values = {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,
-                  "condition_scale": options.condition_scale if guided(request) else 1.0,
+        # The sampler's per-row knobs are the request's options of the same names, except these two.
+        values = {"condition_scale": options.condition_scale if guided(request) else 1.0,
                   "strength": getattr(request, "strength", 0.0)}
-        for name, value in values.items():
-            knob_rows[name] += [value] * rows
+        for name in knob_rows:
+            knob_rows[name] += [values[name] if name in values else getattr(options, name)] * rows
         codes = pipe._image_codes(request.image) if request.image is not None else None
         prefixes.append(np.broadcast_to(codes if codes is not None else np.zeros(cfg.image_length, np.int32),
                                         (rows, cfg.image_length)))
