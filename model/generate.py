@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         inputs = check_inputs(args.prompt, image=args.image and str(args.image), keep_rows=args.keep_rows,
                               strength=args.strength, **options)
         check_outputs(args.out, args.out_dir)
-        pipe = load_pipeline(args.model, dtype=args.dtype)
+        pipe = load_pipeline(args.model, dtype=args.dtype, progress=lambda line: print(line, file=sys.stderr, flush=True))
         request = pipe.complete(inputs)
     except (InvalidInputError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
