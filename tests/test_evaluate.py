@@ -46,3 +46,18 @@ def test_psnr_and_table():
     table = {"train": {"scenes": 2, "psnr": 30.0, "background": 1.0, "identity": 0.5, "position": None,
                        "relation": None, "count": None, "clip_top1": 0.25}}
     assert "| train | 2 | 30.0 | 100% | 50% | - | - | - | 25% |" in evaluate.markdown(table)
+
+
+def test_caption_without_background_accepts_any_background():
+    rng = np.random.default_rng(2)
+    scene = scenes.sample_scene(rng, "heldout_backgrounds")
+    other = next(b for b in scenes.BACKGROUNDS if b != scene.background)
+    image = np.asarray(scenes.render(scenes.Scene(other, scene.objects, "single", size_name=scene.size_name,
+                                                  position=scene.position)))
+    assert evaluate.judge(scene, image)["background"] is False
+    unnamed = evaluate.judge(scene, image, names_background=False)
+    assert "background" not in unnamed and unnamed["position"]
+
+
+def test_paraphrase_split_is_reported_after_the_template_splits():
+    assert evaluate.SPLITS[:5] == scenes.SPLITS and evaluate.SPLITS[5] == "heldout_paraphrases"

@@ -374,3 +374,11 @@ def test_stages_assemble_into_a_pipeline(tmp_path, vqgan_run, bart_run, clip_run
     pipe = load_pipeline(folder)
     result = pipe.generate("a cat on a red background", num_images=2, candidates=2, seed=0)
     assert len(result.images) == 2 and result.images[0].size == (16, 16)
+
+
+def test_warm_start_lengthens_the_text_positions_keeping_the_trained_ones():
+    fresh = {"model": {"encoder": {"embed_positions": {"embedding": jax.numpy.zeros((40, 4))}}}}
+    trained = {"model": {"encoder": {"embed_positions": {"embedding": np.ones((24, 4), np.float32)}}}}
+    params, kept_fresh = bart_stage.warm_start(fresh, trained)
+    table = np.asarray(params["model"]["encoder"]["embed_positions"]["embedding"])
+    assert not kept_fresh and (table[:24] == 1).all() and (table[24:] == 0).all()

@@ -129,6 +129,8 @@ def warm_start(fresh: dict, trained: dict) -> tuple[dict, list[str]]:
                 parent = np.arange(new_side) * old_side // new_side
                 index = (parent[:, None] * old_side + parent[None, :]).reshape(-1)
                 return jnp.asarray(old, leaf.dtype)[index]
+        if old is not None and "encoder']['embed_positions" in name and old.shape[0] < leaf.shape[0]:
+            return leaf.at[:old.shape[0]].set(jnp.asarray(old, leaf.dtype))  # longer prompts: new rows fresh
         kept_fresh.append(name)
         return leaf
 
@@ -153,7 +155,7 @@ def keep_decoder_layers(params: dict, count: int) -> dict:
 
 
 def make_task(data, out: Path, batch_size: int, seed: int = 0, vocab_size: int = 1024, init_from=None,
-              decoder_layers=None, **sizes) -> Task:
+              decoder_layers=None, max_text_length=None, **sizes) -> Task:
     """The DalleBart stage over the dataset at `data`; the tokenizer is kept in out/tokenizer.
 
     init_from: a trained DalleBart folder to start from (see warm_start); its tokenizer and
@@ -175,6 +177,8 @@ def make_task(data, out: Path, batch_size: int, seed: int = 0, vocab_size: int =
                 shutil.copy2(Path(init_from) / name, out / "tokenizer" / name)
     if decoder_layers is not None:
         sizes["decoder_layers"] = decoder_layers
+    if max_text_length:  # e.g. longer paraphrased prompts than the trained model's templates
+        sizes["max_text_length"] = max_text_length
     tokenizer = build_tokenizer(captions, out / "tokenizer", vocab_size)
     # The VQGAN's codebook size; when not given, the smallest power of two above the codes seen.
     image_vocab = int(sizes.pop("image_vocab_size", 0)) or 1 << int(codes.max()).bit_length()
@@ -240,6 +244,8 @@ def main(argv=None):
                              "e.g. checkpoints/emoji/bart when the VQGAN changed)")
     parser.add_argument("--decoder-layers", type=int, default=None,
                         help="decoder depth (default 4); with --init-from, keeps that many of its layers")
+    parser.add_argument("--max-text-length", type=int, default=None,
+                        help="text positions (default: the --init-from model's, else from the captions)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if not args.resume and out.exists():
@@ -247,7 +253,7 @@ def main(argv=None):
     loop = loop_config(args, DEFAULT_LOOP)
     task = make_task(args.data, out, args.batch_size, args.seed, d_model=args.d_model,
                      image_vocab_size=args.image_vocab_size, init_from=args.init_from,
-                     decoder_layers=args.decoder_layers)
+                     decoder_layers=args.decoder_layers, max_text_length=args.max_text_length)
     train_from_args(task, loop, args)
 
 
