@@ -10,9 +10,9 @@ API endpoints, with the parameter names of `Pipeline.generate` (model/options.py
                      parameters, files})
     /generate_batch  the same, `prompt` a list of prompts sampled as one batch with shared options
     /variations      image (file), prompt, keep_rows, then the options and model as above, then strength:
-                     the upload's top keep_rows rows of image tokens kept, every other token sampled with
-                     a pull of strength (0..1) toward the upload's (strength last: older positional
-                     callers keep working)
+                     the upload's top keep_rows rows of image tokens kept, every other token copied from
+                     the upload with probability strength (0..1), else sampled (strength last: older
+                     positional callers keep working)
 
 Every handler, page or API, goes through one path (`space.Space.serve`); this file is the page's
 layout, the API's wiring and the command line. Why a separate batched endpoint rather than

@@ -290,8 +290,8 @@ class Space:
     def variations(self, image, prompt=None, keep_rows=None, num_images=None, seed=None, temperature=None,
                    top_k=None, top_p=None, condition_scale=None, candidates=None, model=None, strength=None):
         """Variations of an uploaded image: its top `keep_rows` rows of image tokens kept exactly, the others
-        sampled with a pull of `strength` (0..1) toward the upload's (following `prompt` when given); PNG
-        files best first and a JSON record. `strength` is last: older positional callers keep working."""
+        copied from the upload with probability `strength` (0..1), else sampled (following `prompt` when
+        given); PNG files best first and a JSON record. `strength` is last: older positional callers keep working."""
         if not image:
             raise gr.Error("image is missing: upload a PNG or JPEG file.")
         answer = yield from self._api(model, image=image, prompt=prompt or None, keep_rows=keep_rows,

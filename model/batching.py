@@ -68,9 +68,10 @@ def start(pipe, requests) -> Batch:
         texts += prompts
         # Candidate c of every prompt gets fold_in(key(seed), c): the same keys alone or batched.
         keys += [sampling.row_keys(options.seed, per_prompt)] * len(prompts)
-        # The sampler's per-row knobs are the request's options of the same names, except these two.
-        values = {"condition_scale": options.condition_scale if guided(request) else 1.0,
-                  "strength": getattr(request, "strength", 0.0)}
+        # The sampler's per-row knobs are the request's options of the same names, except these three.
+        strength = getattr(request, "strength", 0.0)
+        values = {"condition_scale": options.condition_scale if guided(request) else 1.0, "strength": strength,
+                  "overrule": sampling.prompt_overrule(strength) if request.prompts else np.inf}
         for name in knob_rows:
             knob_rows[name] += [values[name] if name in values else getattr(options, name)] * rows
         codes = pipe._image_codes(request.image) if request.image is not None else None

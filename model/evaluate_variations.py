@@ -1,6 +1,6 @@
 """Variations and text edits of rendered emoji scenes, measured (docs/variations.md).
 
-    python -m model.evaluate_variations --uploads 48 --strengths 0.75 --keep-rows 8
+    python -m model.evaluate_variations --uploads 48 --strengths 0.7 --keep-rows 8
 
 Uploads: single-object scenes (medium or large objects, any of the nine positions, plain
 backgrounds) rendered at 64x64. For each upload and setting, one `pipe.vary` call (its own seed)
@@ -75,7 +75,8 @@ def passed(mode: str, kept: dict, new: dict) -> bool:
     return new[mode] and kept["object"]
 
 
-def evaluate(pipe, drawn: list, setting: dict, variations: int, modes=MODES, seed: int = 0) -> dict:
+def evaluate(pipe, drawn: list, setting: dict, variations: int, modes=MODES, seed: int = 0,
+             candidates: int | None = None) -> dict:
     """One row per mode: shares of images (over uploads x variations) that pass each check."""
     rows = {}
     for mode in modes:
@@ -88,7 +89,7 @@ def evaluate(pipe, drawn: list, setting: dict, variations: int, modes=MODES, see
             target = edited(scene, mode, rng)
             prompt = None if target is None else scenes.caption(target)
             result = pipe.vary(upload, prompt=prompt, seed=seed + index, num_images=variations,
-                               candidates=variations, **setting)
+                               candidates=candidates or variations, **setting)
             for image in result.images:
                 image = np.asarray(image)
                 kept = measure(image, scene, pixels, reconstruction)
@@ -133,6 +134,8 @@ def main(argv=None) -> int:
                         help="comma-separated strengths to measure ('default': the pipeline's default)")
     parser.add_argument("--keep-rows", default="", help="comma-separated keep_rows settings (strength 0) to compare")
     parser.add_argument("--modes", default=",".join(MODES), help="which of: " + ", ".join(MODES))
+    parser.add_argument("--candidates", type=int, default=None,
+                        help="images sampled per upload, of which CLIP keeps --variations (default: as many)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the table")
     args = parser.parse_args(argv)
@@ -151,11 +154,11 @@ def main(argv=None) -> int:
     table = {}
     for name, setting in settings.items():
         started = time.perf_counter()
-        table[name] = evaluate(pipe, drawn, setting, args.variations, modes, args.seed)
+        table[name] = evaluate(pipe, drawn, setting, args.variations, modes, args.seed, args.candidates)
         print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     print(markdown(table))
     if args.out:
-        args.out.write_text(json.dumps({"model": pipe.name, "uploads": args.uploads, "variations": args.variations,
+        args.out.write_text(json.dumps({"model": pipe.name, "uploads": args.uploads, "variations": args.variations, "candidates": args.candidates,
                                         "seed": args.seed, "table": table}, indent=2) + "\n")
     return 0
 

@@ -1,6 +1,6 @@
 """Command line: python -m model.generate "a prompt" --num-images 9 --seed 0 --out grid.png
 
-Variations of an image: python -m model.generate --image photo.png [--strength 0.75] ["optional prompt"]
+Variations of an image: python -m model.generate --image photo.png [--strength 0.7] ["optional prompt"]
 (--keep-rows N keeps the top N rows of codes exactly; alone it leaves the rest free, strength 0)
 
 Writes a grid PNG (--out) and/or one PNG per image (--out-dir), best CLIP score first, and prints the
@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="make variations of this image (with a prompt: edits of it)")
     parser.add_argument("--strength", type=float, default=None,
                         help="0..1: how closely every code follows --image's (0 = ignore it, 1 = copy it; "
-                             "default 0.75, 0.35 with a prompt; 0 when only --keep-rows is given)")
+                             "default 0.7, 0.5 with a prompt; 0 when only --keep-rows is given)")
     parser.add_argument("--keep-rows", type=int, default=None, help="top code rows of --image kept exactly (default 0)")
     parser.add_argument("--out", type=Path, default=None,
                         help="grid PNG to write (default grid.png unless --out-dir); with --image a strip: "

@@ -36,15 +36,15 @@ MAX_ROWS = 128  # sampled images per call (prompts x candidates): bounds memory 
 # Decoding runs in chunks of this many steps: the points where progress is reported and where a
 # consumer may stop the work by closing the stream.
 CHUNK_STEPS = 32
-# Variations: how strongly every image token is pulled toward the upload's (model.sampling), 0..1.
+# Variations: the share of image tokens taken from the upload (model.sampling), 0..1.
 STRENGTH = Knob("strength", float, 0.0, 1.0, "how closely variations follow the upload: 0 = ignore it, "
                 "1 = reproduce it", step=0.05)
-# Variations given neither keep_rows nor strength: no rows kept, every token steered at the strength
-# for its kind (measured on the emoji model, docs/variations.md): without a prompt the upload is the
-# only source of what to draw, so it pulls harder; with one, the prompt must be able to overrule it
-# (a new background or object). keep_rows alone keeps its old meaning (strength 0).
-DEFAULT_STRENGTH = 0.75  # no prompt
-DEFAULT_EDIT_STRENGTH = 0.35  # with a prompt
+# Variations given neither keep_rows nor strength: no rows kept and the strength for their kind
+# (measured on the emoji model, docs/variations.md): without a prompt the upload is the only source of
+# what to draw, so more of it is kept; with one, the prompt overrules the codes it rules out (a new
+# background or object) wherever they are. keep_rows alone keeps its old meaning (strength 0).
+DEFAULT_STRENGTH = 0.7  # no prompt
+DEFAULT_EDIT_STRENGTH = 0.5  # with a prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Request:
     single: bool = True  # the prompt was one text: the result is one GenerationResult, not a list
     image: Image.Image | None = None  # variations: the upload, RGB
     keep_rows: int = 0  # variations: rows of the upload's image tokens kept as they are
-    strength: float = 0.0  # variations: pull of the other tokens toward the upload's (0 = none, 1 = copy)
+    strength: float = 0.0  # variations: share of the other tokens copied from the upload (0 = none, 1 = all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +163,9 @@ class Pipeline:
 
     def vary(self, image, prompt=None, keep_rows=None, strength=None, **options) -> GenerationResult:
         """Variations of an image: its top `keep_rows` rows of codes kept exactly, and every other code
-        sampled with a pull of `strength` (0..1) toward the upload's code at its position: 0 ignores
-        the upload, 1 reproduces it (model.sampling).
+        copied from the upload with probability `strength` (0..1), else sampled in context; with a
+        prompt, codes the prompt rules out are not copied. 0 ignores the upload, 1 reproduces it
+        (model.sampling).
 
         With a prompt the sampling follows the prompt (super-conditioned) and CLIP ranks by the prompt;
         without one it is unconditional and ranked by CLIP image similarity to `image`. Neither given:

@@ -34,10 +34,13 @@ positions; those steps feed the known code instead of a sample, so the cache see
 given prefix and sampling continues from it. prefix_length 0 is plain sampling (same compile).
 
 Guided variations (per-row `strength` s in [0, 1], traced): past the prefix, the same `prefix` codes
-steer each step. After temperature and before top-k, the guide code g_t at position t gets
-`strength_bias(s) = STRENGTH_SCALE * s / (1 - s)` added to its logit, so its odds grow by e^bias
-while a code the model (or its prompt) strongly rules out still loses; s = 0 adds exactly 0 (plain
-sampling, same codes bit for bit) and s = 1 feeds g_t itself (the guide reproduced exactly).
+guide each step. At position t the guide code g_t is copied with probability s (a uniform draw from
+the row's own stream, apart from the sampling noise), unless the model rules it out: its
+temperature-scaled logit lies more than the row's `overrule` margin below the best code's (the
+pipeline gives a margin only to rows with a prompt, so a prompt saying "pink" can replace a blue
+background; without a prompt nothing overrules the upload). Every other position is sampled as
+usual, in the context of the copied ones. s = 0 copies nothing (plain sampling, the same codes bit
+for bit) and s = 1 copies every g_t (the guide reproduced exactly).
 
 Randomness: row r's key at step t is fold_in(row_key[r], t), and `row_keys(seed, n)` gives row r
 fold_in(key(seed), r). A row's codes therefore depend only on (seed, row index within its request,
@@ -64,7 +67,8 @@ class SamplingKnobs(NamedTuple):
     top_k: jax.Array  # int32; <= 0 means off
     top_p: jax.Array  # float32; >= 1 means off
     condition_scale: jax.Array  # float32; used only when sampling with guidance
-    strength: jax.Array  # float32 in [0, 1]; pull toward the `prefix` codes past prefix_length; 0 = off
+    strength: jax.Array  # float32 in [0, 1]; chance of copying the `prefix` code past prefix_length; 0 = off
+    overrule: jax.Array  # float32 >= 0; logit margin beyond which the model refuses a guide code; inf = never
 
 
 class SamplerState(NamedTuple):
@@ -80,7 +84,7 @@ class SamplerState(NamedTuple):
 
 
 def sampling_knobs(batch, *, temperature=1.0, top_k=0, top_p=1.0, condition_scale=1.0,
-                   strength=0.0) -> SamplingKnobs:
+                   strength=0.0, overrule=jnp.inf) -> SamplingKnobs:
     """Broadcasts scalars or per-row `[batch]` values to a `SamplingKnobs` of `[batch]` arrays.
 
     Fixed dtypes and shapes here are what keep Python floats, numpy values and jax arrays from
@@ -95,18 +99,35 @@ def sampling_knobs(batch, *, temperature=1.0, top_k=0, top_p=1.0, condition_scal
         top_p=per_row(top_p, jnp.float32),
         condition_scale=per_row(condition_scale, jnp.float32),
         strength=per_row(strength, jnp.float32),
+        overrule=per_row(overrule, jnp.float32),
     )
 
 
-# Logit bias at strength 0.5, in units of the final (temperature-scaled) logits: the guide code's odds
-# grow e^STRENGTH_SCALE-fold. Measured on the emoji model (docs/variations.md).
-STRENGTH_SCALE = 4.0
+# With a prompt, the margin grows with strength, so the stronger the pull the surer the model must be
+# to refuse the upload's code: 2.2 at s = 0.35, 4 at 0.5, inf at 1 (docs/variations.md).
+OVERRULE_SCALE = 4.0
 
 
-def strength_bias(strength):
-    """`STRENGTH_SCALE * s / (1 - s)`: 0 at s = 0 exactly, +inf at s >= 1 (those rows are forced)."""
-    strength = jnp.asarray(strength, jnp.float32)
-    return jnp.where(strength >= 1, jnp.inf, STRENGTH_SCALE * strength / jnp.maximum(1 - strength, 1e-6))
+def prompt_overrule(strength: float) -> float:
+    """The `overrule` margin for a row with a prompt: `OVERRULE_SCALE * s / (1 - s)`."""
+    return float("inf") if strength >= 1 else OVERRULE_SCALE * strength / (1 - strength)
+
+
+# Folded into a step's key for the copy draw of guided variations, so the sampling noise is untouched.
+_COPY_STREAM = 0x636F7079
+
+
+def guide_copies(logits, guide, strength, overrule, step_keys, temperature, num_real_codes: int):
+    """`[batch]` bool: copy the guide code here (see the module docstring).
+
+    logits: `[batch, vocab]` (guided, before temperature); guide: `[batch]` codes; strength, overrule,
+    temperature: `[batch]`."""
+    scale = jnp.where(temperature <= 0, 1.0, temperature)[:, None]
+    scaled = jnp.where(jnp.arange(logits.shape[1]) < num_real_codes, logits / scale, -jnp.inf)
+    margin = jnp.max(scaled, axis=1) - jnp.take_along_axis(scaled, guide[:, None], axis=1)[:, 0]
+    allowed = jnp.isinf(overrule) | (margin <= overrule)
+    draw = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _COPY_STREAM)))(step_keys)
+    return (strength >= 1) | ((draw < strength) & allowed)
 
 
 def row_keys(rng, batch: int) -> jax.Array:
@@ -162,15 +183,13 @@ def _largest_threshold(keys, reaches):
     return lax.fori_loop(0, 32, set_bit, jnp.zeros(keys.shape[:1], jnp.uint32))
 
 
-def filter_logits(logits, temperature, top_k, top_p, num_real_codes: int, guide=None, bias=None):
+def filter_logits(logits, temperature, top_k, top_p, num_real_codes: int):
     """Masks unreal ids, applies temperature, then top-k, then top-p (see the module docstring).
 
     Args:
       logits: `[batch, vocab]` float32 (already guided).
       temperature, top_k, top_p: scalars or per-row `[batch]` arrays (traced).
       num_real_codes: static; ids >= it are never sampled.
-      guide, bias: optional `[batch]` code and finite logit bias added to it after temperature, before
-        top-k (so a guide code outside the model's top-k can still be drawn); bias 0 changes nothing.
     Returns:
       `[batch, vocab]` float32: logits / temperature where kept, -inf elsewhere.
     """
@@ -182,10 +201,6 @@ def filter_logits(logits, temperature, top_k, top_p, num_real_codes: int, guide=
     logits = jnp.where(jnp.arange(vocab) < num_real_codes, logits.astype(jnp.float32), -jnp.inf)
     greedy = temperature <= 0
     logits = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-    if guide is not None:
-        # Only where bias != 0: adding 0 would turn a logit of -0.0 into +0.0, which top-k orders apart.
-        steered = (jnp.arange(vocab) == guide[:, None]) & (bias != 0)[:, None]
-        logits = jnp.where(steered, logits + bias[:, None], logits)
     # k = vocab keeps every id: the threshold drops to the smallest key, -inf included.
     k = jnp.where(greedy, 1, jnp.where(top_k <= 0, vocab, jnp.minimum(top_k, vocab)))
 
@@ -245,12 +260,12 @@ def _run_steps(step_fn, params, state, knobs, num_steps, num_real_codes, use_gui
         if use_guidance:
             logits = guided_logits(logits[:batch], logits[batch:], knobs.condition_scale)
         known = lax.dynamic_index_in_dim(state.prefix, state.step, axis=1, keepdims=False)
-        # strength >= 1 is forced below; its bias stays finite here (inf would make softmax NaN).
-        bias = jnp.where(knobs.strength >= 1, 0.0, strength_bias(knobs.strength))
-        logits = filter_logits(logits, knobs.temperature, knobs.top_k, knobs.top_p, num_real_codes, known, bias)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.row_keys, state.step)
+        copied = guide_copies(logits, known, knobs.strength, knobs.overrule, step_keys, knobs.temperature,
+                              num_real_codes)
+        logits = filter_logits(logits, knobs.temperature, knobs.top_k, knobs.top_p, num_real_codes)
         tokens = _sample_rows(step_keys, logits)
-        forced = (state.step < state.prefix_length) | (knobs.strength >= 1)
+        forced = (state.step < state.prefix_length) | copied
         tokens = jnp.where(forced, known, tokens)
         codes = lax.dynamic_update_slice(state.codes, tokens[:, None], (0, state.step))
         return state._replace(cache=cache, tokens=tokens, codes=codes, step=state.step + 1)
@@ -340,6 +355,7 @@ def sample_codes(
     top_p=1.0,
     condition_scale=1.0,
     strength=0.0,
+    overrule=jnp.inf,
     guide=None,
 ) -> jax.Array:
     """Samples `[batch, image_length]` int32 codes in one jitted loop.
@@ -352,13 +368,13 @@ def sample_codes(
       rng: int seed, one key, or `[batch]` keys (see `row_keys`).
       use_guidance: static; pass False when condition_scale == 1 to skip the unconditional rows
         (condition_scale is then ignored).
-      temperature, top_k, top_p, condition_scale, strength: scalars or per-row `[batch]`; traced.
-      guide: optional `[batch, image_length]` codes that `strength` steers toward.
+      temperature, top_k, top_p, condition_scale, strength, overrule: scalars or per-row `[batch]`; traced.
+      guide: optional `[batch, image_length]` codes that `strength` copies from.
     """
     state = init_sampler(cache, rng, batch=batch, image_length=image_length, start_token=start_token, prefix=guide)
     knobs = sampling_knobs(
         batch, temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale,
-        strength=strength,
+        strength=strength, overrule=overrule,
     )
     state = sample_codes_chunk(
         step_fn, params, state, knobs,

@@ -369,3 +369,45 @@ def test_forced_prefix_is_kept_and_fed_to_the_model():
     # Without a prefix, the result equals plain sampling with the same seed.
     plain = run_chunk(params, start(SMALL, 1), LENGTH)
     np.testing.assert_array_equal(codes[0], np.asarray(plain.codes)[0])
+
+
+def ruled_out_params(code):
+    """Random tables in which `code` is 50 logits below every other code at every position."""
+    params = random_params(9)
+    params["table"] = params["table"].at[:, code].set(-50.0)
+    return params
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.7])
+def test_guide_codes_are_copied_with_probability_strength(strength):
+    # The model never picks code 7 itself, so every 7 in the output is a copy of the guide.
+    guide = jnp.full((BIG, LENGTH), 7, jnp.int32)
+    codes = sample(table_step, ruled_out_params(7), BIG, 3, guide=guide, strength=strength)
+    copies = int(np.sum(codes == 7))
+    n = codes.size
+    assert abs(copies - strength * n) < 5 * np.sqrt(n * strength * (1 - strength)), (copies, n)
+    # Each row draws its own positions.
+    assert len({tuple(row) for row in (codes == 7).tolist()}) > 20
+
+
+def test_a_margin_lets_the_model_refuse_a_ruled_out_guide_code():
+    guide = jnp.full((BIG, LENGTH), 7, jnp.int32)
+    params = ruled_out_params(7)
+    refused = sample(table_step, params, BIG, 3, guide=guide, strength=0.9, overrule=2.0)
+    assert not np.any(refused == 7)
+    # Within the margin the same code is copied; strength 1 copies whatever the margin.
+    within = sample(table_step, params, BIG, 3, guide=guide, strength=0.9, overrule=60.0)
+    assert np.mean(within == 7) > 0.85
+    forced = sample(table_step, params, BIG, 3, guide=guide, strength=1.0, overrule=2.0)
+    assert np.all(forced == 7)
+
+
+def test_the_copy_draw_leaves_the_sampling_noise_alone():
+    # At the first position nothing earlier differs, so rows that did not copy equal plain sampling.
+    params = ruled_out_params(7)
+    guide = jnp.full((BIG, LENGTH), 7, jnp.int32)
+    varied = sample(table_step, params, BIG, 5, guide=guide, strength=0.5)[:, 0]
+    plain = sample(table_step, params, BIG, 5)[:, 0]
+    free = varied != 7
+    assert 0.4 < free.mean() < 0.6
+    np.testing.assert_array_equal(varied[free], plain[free])

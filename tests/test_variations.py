@@ -1,4 +1,4 @@
-"""pipe.vary: the kept rows are the upload's codes, the rest is sampled (steered by strength: 0 = plain
+"""pipe.vary: the kept rows are the upload's codes, the rest is sampled (copied with probability strength: 0 = plain
 sampling, 1 = the upload's codes); bad uploads and bad strengths get a clear message."""
 
 import io
@@ -84,7 +84,7 @@ def test_transparent_and_grey_uploads_work(pipe):
     assert len(pipe.vary(Image.new("L", (32, 48), 128), num_images=1, seed=0).images) == 1
 
 
-# Strength: every code steered toward the upload's (model.sampling.strength_bias).
+# Strength: the share of codes copied from the upload (model.sampling.guide_copies).
 
 
 def test_strength_one_reproduces_the_uploads_codes(pipe, upload):
