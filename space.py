@@ -257,7 +257,8 @@ class Space:
     def generate(self, prompt, num_images=None, seed=None, temperature=None, top_k=None, top_p=None,
                  condition_scale=None, candidates=None, model=None):
         """Images for one prompt as PNG files, best CLIP score first, and a JSON record
-        {model, prompt, seed, scores, score_kind, parameters, files}. Empty options take the model's
+        {model, prompt, read_as, seed, scores, score_kind, parameters, files} (read_as: what the model
+        drew: the prompt, or its rewrite by the model's prompt reader). Empty options take the model's
         defaults; an empty seed draws a random one, reported in the record."""
         if not isinstance(prompt, str):
             raise gr.Error("prompt must be text for /generate; send a list of prompts to /generate_batch.")
@@ -283,8 +284,8 @@ class Space:
         yield [path for paths in answer.files for path in paths], {
             "model": answer.model, "dtype": answer.dtype, "seed": first.seed, "parameters": first.parameters,
             "score_kind": first.score_kind,
-            "results": [{"prompt": r.prompt, "scores": r.scores, "files": [Path(p).name for p in paths]}
-                        for r, paths in zip(answer.results, answer.files)]}
+            "results": [{"prompt": r.prompt, "read_as": r.read_as or r.prompt, "scores": r.scores,
+                         "files": [Path(p).name for p in paths]} for r, paths in zip(answer.results, answer.files)]}
 
     @handler
     def variations(self, image, prompt=None, keep_rows=None, num_images=None, seed=None, temperature=None,
@@ -397,11 +398,14 @@ def _page_outputs(answer: Answer, grid_path: str):
     status = (f"Seed **{result.seed}** · model `{answer.model}` · {len(paths)} images from "
               f"{result.parameters['candidates']} candidates in {answer.seconds:.1f} s · "
               f"{SCORE_HELP[result.score_kind]}")
+    if result.read_as:  # the model's prompt reader rewrote the prompt: say what was drawn
+        status += f"  \nDrawn as: *{result.read_as}*"
     return gallery, result.seed, status, gr.update(value=grid_path, visible=True)
 
 
 def _record(answer: Answer) -> dict:
     result, paths = answer.results[0], answer.files[0]
-    return {"model": answer.model, "dtype": answer.dtype, "prompt": result.prompt, "seed": result.seed,
+    return {"model": answer.model, "dtype": answer.dtype, "prompt": result.prompt,
+            "read_as": result.read_as or result.prompt, "seed": result.seed,
             "scores": result.scores, "score_kind": result.score_kind, "parameters": result.parameters,
             "files": [Path(p).name for p in paths]}

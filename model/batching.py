@@ -61,7 +61,7 @@ def start(pipe, requests) -> Batch:
     prefixes, prefix_lengths = [], []
     use_guidance = any(guided(r) for r in requests)
     for request in requests:
-        options, prompts = request.options, list(request.prompts) or [""]  # no prompt: unconditional
+        options, prompts = request.options, list(request.texts) or [""]  # no prompt: unconditional
         per_prompt, rows = options.candidates, row_count(request)
         spans.append(slice(len(row_text), len(row_text) + rows))
         row_text += [len(texts) + i // per_prompt for i in range(rows)]

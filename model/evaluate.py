@@ -152,8 +152,10 @@ def evaluate(pipe, per_split: int, candidates: int, seed: int = 0, batch: int = 
         # Reconstruction through the VQGAN.
         codes = np.stack([pipe.encode_image(image) for image in truth])
         rebuilt = np.stack([np.asarray(image) for image in pipe.decode_codes(codes)])
-        # CLIP retrieval among the split's rendered scenes.
-        logits = pipe.reranker.logits(captions, list(truth))
+        # CLIP retrieval among the split's rendered scenes, of the text the pipeline's CLIP reads (a
+        # model's prompt reader may rewrite a caption, see Pipeline.reader).
+        read = [(pipe.reader(c) or c) if pipe.reader else c for c in captions]
+        logits = pipe.reranker.logits(read, list(truth))
         retrieval = float(np.mean(np.argmax(logits.T, axis=1) == np.arange(per_split)))
         # Generation, best of `candidates` by the model's CLIP.
         generated = []
@@ -182,18 +184,38 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
-def example_grid(examples: dict, path: Path) -> None:
+# Prompts as newcomers type them (issue 18's among them), for the model card's grid (--free-grid).
+FREE_PROMPTS = (
+    ("A FOX IN THE CENTER ON A BLUE BACKGROUND", "blue picture with a fox in it", "Fox in the centre, background: blue",
+     "cat"),
+    ("a cat-headed man selling popsicles on Mars", "a red apple", "three happy kittens on pink",
+     "a dog sitting on top of a car, yellow bg"),
+    ("tiny rocket in the upper-right corner on black", "horse on the right, cow on the left",
+     "a ship with an anchor underneath it", "2 pizzas please"),
+)
+
+
+def free_prompt_grid(pipe, path: Path, seed: int = 0) -> None:
+    """FREE_PROMPTS drawn (best of the model's candidates), each with what the model read it as."""
+    rows = {}
+    for r, prompts in enumerate(FREE_PROMPTS):
+        results = pipe.generate(list(prompts), num_images=1, seed=seed)
+        rows[r] = [(f"{res.prompt}\n= {res.read_as or res.prompt}", np.asarray(res.images[0])) for res in results]
+    example_grid(rows, path, text_height=88)
+
+
+def example_grid(examples: dict, path: Path, text_height: int = 44) -> None:
     """One row per split: generated images with their captions underneath."""
     from PIL import Image, ImageDraw
 
-    cell, text_height, columns = 128, 44, max(len(v) for v in examples.values())
+    cell, columns = 128, max(len(v) for v in examples.values())
     grid = Image.new("RGB", (columns * cell, len(examples) * (cell + text_height)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (split, items) in enumerate(examples.items()):
         for c, (text, image) in enumerate(items):
             top = r * (cell + text_height)
             grid.paste(Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST), (c * cell, top))
-            lines = textwrap.wrap(text, 22)[:4]
+            lines = [line for part in text.split("\n") for line in textwrap.wrap(part, 22)][:text_height // 11]
             draw.multiline_text((c * cell + 2, top + cell + 1), "\n".join(lines), fill="black", spacing=0)
     grid.save(path)
 
@@ -201,23 +223,28 @@ def example_grid(examples: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model folder (default: the embedded model)")
-    parser.add_argument("--per-split", type=int, default=60, help="scenes per split")
+    parser.add_argument("--per-split", type=int, default=60, help="scenes per split (0: no table)")
     parser.add_argument("--candidates", type=int, default=None, help="CLIP candidates per caption (default: model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("eval.json"))
     parser.add_argument("--grid", type=Path, default=None, help="PNG of example generations per split")
+    parser.add_argument("--free-grid", type=Path, default=None,
+                        help="PNG of FREE_PROMPTS (prompts as people type them) and what the model read them as")
     args = parser.parse_args(argv)
 
     from model.loading import load_pipeline
 
     pipe = load_pipeline(args.model)
     candidates = args.candidates or pipe.defaults.candidates
-    table, examples = evaluate(pipe, args.per_split, candidates, args.seed)
-    args.out.write_text(json.dumps({"model": pipe.name, "candidates": candidates, "seed": args.seed,
-                                    "splits": table}, indent=2) + "\n")
-    print(markdown(table))
-    if args.grid:
-        example_grid(examples, args.grid)
+    if args.per_split > 0:  # 0: only the free-prompt grid
+        table, examples = evaluate(pipe, args.per_split, candidates, args.seed)
+        args.out.write_text(json.dumps({"model": pipe.name, "candidates": candidates, "seed": args.seed,
+                                        "splits": table}, indent=2) + "\n")
+        print(markdown(table))
+        if args.grid:
+            example_grid(examples, args.grid)
+    if args.free_grid:
+        free_prompt_grid(pipe, args.free_grid, args.seed)
     return 0
 
 

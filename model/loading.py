@@ -123,13 +123,25 @@ def load_pipeline(name_or_path=None, mesh=None, compilation_cache=True, dtype=No
                         std=std, mesh=mesh)
     pipeline = Pipeline(
         bart=bart, bart_params=bart_params, bart_tokenizer=load_bart_tokenizer(folders["bart"]),
-        vqgan=vqgan, vqgan_params=vqgan_params, reranker=reranker, normalizer=normalizer,
+        vqgan=vqgan, vqgan_params=vqgan_params, reranker=reranker, normalizer=normalizer, reader=prompt_reader(info),
         defaults=defaults, name=name, info=info, mesh=mesh, dtype=dtype,
     )
     del bart_params, clip_params
     gc.collect()
     return_freed_memory()
     return pipeline
+
+
+def prompt_reader(info: dict):
+    """The prompt reader a pipeline.json names ("prompt_reader"), or None: the prompt is read as written."""
+    name = info.get("prompt_reader")
+    if name is None:
+        return None
+    if name != "emoji-scenes":
+        raise CheckpointError(f"pipeline.json names an unknown prompt_reader {name!r}; known: 'emoji-scenes'.")
+    from model.data import reading  # the scene vocabulary: only models that use it load it
+
+    return reading.read
 
 
 def _hub_folder(stage: str, repo: str, revision: str) -> Path:

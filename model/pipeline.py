@@ -57,6 +57,11 @@ class Request:
     image: Image.Image | None = None  # variations: the upload, RGB
     keep_rows: int = 0  # variations: rows of the upload's image tokens kept as they are
     strength: float = 0.0  # variations: share of the other tokens copied from the upload (0 = none, 1 = all)
+    read_as: tuple[str, ...] = ()  # what the model reads for each prompt (its prompt reader's rewrite)
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return self.read_as or self.prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +103,7 @@ class GenerationResult:
     codes: np.ndarray  # [num_images, image_length] int32 VQGAN codes, same order as images
     parameters: dict  # every option as used, defaults filled in (keep_rows, strength too for variations)
     score_kind: str = "clip_logit"  # or "image_similarity" (variations without a prompt)
+    read_as: str = ""  # the caption the model drew, when its prompt reader rewrote `prompt`
 
 
 @dataclasses.dataclass
@@ -113,7 +119,8 @@ class Pipeline:
     """Text-to-image with super-conditioned DalleBart sampling, VQGAN decoding and CLIP reranking."""
 
     def __init__(self, *, bart, bart_params, bart_tokenizer, vqgan, vqgan_params, reranker: Reranker,
-                 normalizer=None, defaults=Options(), name="custom", info=None, mesh=None, dtype="float32"):
+                 normalizer=None, reader=None, defaults=Options(), name="custom", info=None, mesh=None,
+                 dtype="float32"):
         self.name = name
         self.dtype = str(dtype)  # the weights' precision on the device (load_pipeline's dtype)
         self.info = info or {}
@@ -132,6 +139,9 @@ class Pipeline:
             )
         self.bart_tokenizer = bart_tokenizer
         self.normalizer = normalizer
+        # A model's prompt reader (model.data.reading for the emoji model): text -> the caption it was
+        # trained on, or None to use the text as written. Set to None to send prompts unchanged.
+        self.reader = reader
         self.reranker = reranker
         self.mesh = mesh
         # Already placed on `mesh` and in the per-layer layout decode_step reads (bart_decode.decoding_params):
@@ -204,7 +214,9 @@ class Pipeline:
         if rows > MAX_ROWS:
             raise InvalidInputError(f"Too many images in one call: {max(len(inputs.prompts), 1)} prompts x "
                                     f"{resolved.candidates} candidates = {rows}; at most {MAX_ROWS}.")
-        return Request(inputs.prompts, resolved, inputs.single, inputs.image, keep_rows, strength)
+        read_as = tuple((self.reader(p) or p) if self.reader else p for p in inputs.prompts)
+        return Request(inputs.prompts, resolved, inputs.single, inputs.image, keep_rows, strength,
+                       read_as if read_as != inputs.prompts else ())
 
     def run(self, request: Request, preview_every: int | None = None, previews_after_s: float = 0.0) -> Iterator:
         """Samples a checked request: yields a `Progress` after every chunk of tokens (with preview
@@ -263,10 +275,10 @@ class Pipeline:
         """A request's sampled codes [rows, image_length] -> its results, one per prompt: pixels, then
         scores (CLIP against each image's own prompt, or against the upload), best first."""
         options, per_prompt = request.options, request.options.candidates
-        prompts = list(request.prompts) or [""]
+        prompts, texts = list(request.prompts) or [""], list(request.texts) or [""]
         pixels = self._pixels(codes)
         if request.prompts:
-            scores, score_kind = self.reranker.by_prompt(prompts, pixels, per_prompt), "clip_logit"
+            scores, score_kind = self.reranker.by_prompt(texts, pixels, per_prompt), "clip_logit"
         else:
             scores, score_kind = self.reranker.by_image(request.image, pixels), "image_similarity"
         parameters = options.to_dict() | ({"keep_rows": request.keep_rows, "strength": request.strength}
@@ -284,6 +296,7 @@ class Pipeline:
                 codes=codes[block][order],
                 parameters=dict(parameters),
                 score_kind=score_kind,
+                read_as=texts[p] if texts[p] != text else "",
             ))
         return_freed_memory()
         return results

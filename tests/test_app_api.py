@@ -46,6 +46,7 @@ def test_generate_returns_nine_pngs_and_a_record(client):
     assert record["seed"] == 1 and record["model"] == "tiny" and record["prompt"] == "a small red apple"
     assert len(record["scores"]) == 9 and record["scores"] == sorted(record["scores"], reverse=True)
     assert record["dtype"] == "float32" and record["score_kind"] == "clip_logit"
+    assert record["read_as"] == record["prompt"]  # the tiny model has no prompt reader
     assert record["parameters"]["num_images"] == 9 and record["parameters"]["top_k"] == 8  # model default
 
 

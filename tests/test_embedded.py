@@ -52,3 +52,25 @@ def test_a_prompt_chooses_what_the_completed_rows_draw(pipe, upload):
             background, colour = background_of(pixels)
             drawn.append(identify(pixels, background, foreground(pixels, colour)))
         assert drawn.count(name) >= 7, (name, drawn)
+
+
+def test_free_wordings_are_drawn_as_the_caption_they_mean(pipe):
+    caption = "a large fox in the center on a blue background"
+    read = pipe.generate("blue picture with a fox in it", seed=3, num_images=4)
+    assert read.read_as == caption and read.prompt == "blue picture with a fox in it"
+    np.testing.assert_array_equal(read.codes, pipe.generate(caption, seed=3, num_images=4).codes)
+    assert sum(background_of(np.asarray(image))[0] == "blue" for image in read.images) >= 3
+    # A training caption is read as itself; with the reader off the words go to the model unchanged.
+    assert pipe.generate(caption, seed=3, num_images=1).read_as == ""
+    reader, pipe.reader = pipe.reader, None
+    try:
+        as_written = pipe.generate("blue picture with a fox in it", seed=3, num_images=4)
+    finally:
+        pipe.reader = reader
+    assert as_written.read_as == "" and not np.array_equal(as_written.codes, read.codes)
+
+
+def test_an_object_colour_is_not_taken_for_the_background(pipe):
+    result = pipe.generate("a red apple", seed=0, num_images=4)
+    assert result.read_as.endswith("on a white background")
+    assert sum(background_of(np.asarray(image))[0] == "white" for image in result.images) >= 3

@@ -3,6 +3,11 @@
 The digests were recorded before the request path was reorganised; a change to sampling, ranking,
 tokenization or the decoder that alters any image for a given prompt and seed fails here. When such
 a change is intended, say so in the commit and record the new digests.
+
+Intended changes so far: the emoji model's prompt reader (model/data/reading.py) redraws prompts that
+are not training captions; "a large green frog in the center" is now drawn as "a large frog in the
+center on a white background". "batch_as_written" keeps that request's old digests with the reader
+off, which shows nothing else changed.
 """
 
 import hashlib
@@ -19,8 +24,10 @@ UPLOAD_PROMPT = "a large fox in the center on a pink background"
 GOLDEN = {
     "defaults": (["1e9e010463df492f"], [[572, 364, 364, 364, 364, 364, 364, 364]]),
     "knobs": (["11b11688508d699b"], [[407, 860, 860, 860, 860, 860, 860, 860]]),
-    "batch": (["ea04b3111f6aeb45", "930902622ca51f9d"],
-              [[936, 936, 936, 936, 936, 847, 222, 597], [780, 58, 58, 58, 58, 58, 58, 58]]),
+    "batch": (["ea04b3111f6aeb45", "a8b081415b544384"],
+              [[936, 936, 936, 936, 936, 847, 222, 597], [780, 58, 58, 1005, 1005, 58, 58, 1005]]),
+    "batch_as_written": (["ea04b3111f6aeb45", "930902622ca51f9d"],
+                         [[936, 936, 936, 936, 936, 847, 222, 597], [780, 58, 58, 58, 58, 58, 58, 58]]),
     "vary": (["2bc5863bf510b2e6"], [[41, 851, 851, 851, 851, 851, 851, 851]]),
     "vary_prompt": (["1792f60004f480a5"], [[41, 851, 851, 851, 851, 851, 851, 851]]),
 }
@@ -47,8 +54,18 @@ def _requests(pipe, upload):
                                          condition_scale=2.0)
     yield "batch", lambda: pipe.generate(["two rockets on a black background", "a large green frog in the center"],
                                          seed=5, num_images=2)
+    yield "batch_as_written", lambda: _as_written(pipe, lambda: pipe.generate(
+        ["two rockets on a black background", "a large green frog in the center"], seed=5, num_images=2))
     yield "vary", lambda: pipe.vary(upload, seed=0, keep_rows=4)
     yield "vary_prompt", lambda: pipe.vary(upload, prompt=UPLOAD_PROMPT, seed=1, keep_rows=4, num_images=3)
+
+
+def _as_written(pipe, call):
+    reader, pipe.reader = pipe.reader, None
+    try:
+        return call()
+    finally:
+        pipe.reader = reader
 
 
 def test_same_prompt_and_seed_give_the_pinned_codes(pipe, upload):

@@ -361,17 +361,21 @@ def _with_article(phrase):
 
 def caption(scene: Scene) -> str:
     """The scene in plain English, one template per kind (see the module docstring)."""
-    on_background = f"on {_with_article(scene.background)} background"
-    if scene.kind == "single":
-        name = scene.objects[0].name
-        return f"a {scene.size_name} {name} {_POSITION_PHRASES[scene.position]} {on_background}"
-    if scene.kind == "pair":
-        subject, reference = (_with_article(placed.name) for placed in scene.objects)
-        return f"{subject} {scene.relation} {reference} {on_background}"
-    if scene.kind == "count":
-        plural = PLURALS[scene.objects[0].name]
-        return f"{_COUNT_WORDS[scene.count]} {plural} {on_background}"
-    raise ValueError(f"scene kind must be one of {KINDS}, got {scene.kind!r}")
+    return template(scene.kind, [placed.name for placed in scene.objects], scene.background,
+                    size_name=scene.size_name, position=scene.position, relation=scene.relation, count=scene.count)
+
+
+def template(kind: str, names, background: str, *, size_name=None, position=None, relation=None, count=None) -> str:
+    """The training caption of a scene given by its fields: single (names[0], size_name, position),
+    pair (names[0] `relation` names[1]) or count (`count` names[0])."""
+    on_background = f"on {_with_article(background)} background"
+    if kind == "single":
+        return f"a {size_name} {names[0]} {_POSITION_PHRASES[position]} {on_background}"
+    if kind == "pair":
+        return f"{_with_article(names[0])} {relation} {_with_article(names[1])} {on_background}"
+    if kind == "count":
+        return f"{_COUNT_WORDS[count]} {PLURALS[names[0]]} {on_background}"
+    raise ValueError(f"scene kind must be one of {KINDS}, got {kind!r}")
 
 
 def render(scene: Scene) -> Image.Image:

@@ -49,22 +49,25 @@ DEFAULTS = {"num_images": 9, "candidates": 9, "temperature": 1.0, "top_k": 64, "
 DESCRIPTION = ("A small DALL-E mini trained from scratch on 64x64 scenes of Twemoji artwork (on one GPU for about "
                "12 minutes): one to four objects from a vocabulary of 181 animals, foods, plants, vehicles "
                "and things, on plain coloured backgrounds, with their sizes, positions and relations.")
-LIMITATIONS = ("Only understands captions like the training templates: 'a small red apple in the top left on a "
-               "blue background', 'a fox to the left of a butterfly on a purple background', 'three snails on "
-               "a yellow background'. Images are 64x64 from a 16x16 grid of codes. It gets background colours, "
-               "positions and relations right nearly always, counts and the exact emoji about four times in "
-               "five; objects in pairs and counts are drawn less crisply than single ones. It knows nothing "
-               "outside its emoji vocabulary and 12 background colours.")
-UNDERSTANDS = ("Understands English captions of one to four emoji objects (181 animals, foods, plants, vehicles and "
-               "things) with their size, position or relation, on one of 12 plain backgrounds: for example "
-               "'a cat to the left of a dog on a yellow background'.")
+LIMITATIONS = ("Your prompt is read into the caption form it was trained on by a small built-in reader "
+               "(known object names, colours, sizes, positions, relations and counts; other words are "
+               "ignored, so 'a cat-headed man selling popsicles on Mars' draws a cat, and an object's "
+               "own colour cannot be changed). Images are 64x64 from a 16x16 grid of codes. It gets "
+               "background colours, positions and relations right nearly always, counts and the exact "
+               "emoji about four times in five; objects in pairs and counts are drawn less crisply "
+               "than single ones. It knows nothing outside its emoji vocabulary and 12 background colours: "
+               "a prompt that names no known object is drawn as written, which gives shapeless blobs.")
+UNDERSTANDS = ("Understands plain English about one to four of its 181 emoji objects, their size, position, "
+               "relation or count, and 12 background colours: 'blue picture with a fox in it', 'three kittens "
+               "on pink'.")
 CREDIT = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0"
+# Training captions and prompts as people type them (read by the prompt reader), side by side.
 EXAMPLES = ("a large fox in the center on a blue background",
+            "blue picture with a fox in it",
             "a cat to the left of a dog on a yellow background",
-            "three apples on a purple background",
+            "three kittens on pink",
             "a small rocket in the top right on a black background",
-            "a penguin above a pizza on a green background",
-            "a large strawberry in the bottom left on a white background")
+            "a dog sitting on top of a car, green background")
 
 
 def _copy(source: Path, target: Path, names) -> None:
@@ -91,7 +94,8 @@ def assemble(vqgan_folder, bart_folder, clip_folder, out, examples=EXAMPLES) -> 
     _copy(Path(clip_folder), out / "clip", ("config.json", "model.safetensors", "preprocessor_config.json")
           + bart_stage.TOKENIZER_FILES)
     info = {"name": "emoji", "description": DESCRIPTION, "defaults": DEFAULTS, "examples": list(examples),
-            "understands": UNDERSTANDS, "limitations": LIMITATIONS, "credit": CREDIT}
+            "prompt_reader": "emoji-scenes", "understands": UNDERSTANDS, "limitations": LIMITATIONS,
+            "credit": CREDIT}
     (out / "pipeline.json").write_text(json.dumps(info, indent=2) + "\n")
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if total > MAX_FOLDER_BYTES:

@@ -1,0 +1,223 @@
+"""Free-form prompts read into the emoji model's caption templates (prompt rewriting for a closed world).
+
+The embedded model was trained on one caption template per kind of scene (`scenes.template`), and
+follows other wordings poorly. Large text-to-image services rewrite a visitor's prompt before the
+model sees it; for a model whose world is a known list of objects, colours, sizes, positions,
+relations and counts, the rewrite can be exact: `read(text)` finds those things wherever and however
+the text says them, and returns the template caption of that scene (or None when it names no known
+object, so the prompt is used as written).
+
+- Objects: vocabulary names, plurals and a few common synonyms ("puppy", "bike"), longest match first.
+  More than two different objects: the first two are drawn.
+- Counts: a number (word or numeral, "a pair of", "a couple of") or a plural names a count scene;
+  counts above 4 draw 4, a plural without a number 2, "one" a single object.
+- Background: a colour word next to a word for the background or picture ("blue background",
+  "background: blue", "a blue picture with", "on blue", "against a pink wall"); a colour right before
+  an object names the object's colour, which the model cannot change ("a red apple"), so it is
+  dropped. No background named: the first of white, blue, yellow, black that the object stands out on.
+- Size ("tiny", "big", ...; default large), position ("upper left", "top-left corner", "middle";
+  default center) and relations ("left of", "on top of", "beneath", "next to" = left of, "A and B,
+  the B on the left", "A with B on its left") in either order.
+"""
+
+import re
+
+from model.data import scenes
+from model.data.vocabulary import PLURALS, VOCABULARY
+
+SYNONYMS = {
+    "kitten": "cat", "kitty": "cat", "puppy": "dog", "doggy": "dog", "bunny": "rabbit", "hen": "chicken",
+    "lamb": "sheep", "pony": "horse", "plane": "airplane", "aeroplane": "airplane", "jet": "airplane",
+    "bike": "bicycle", "automobile": "car", "lorry": "truck", "boat": "sailboat", "donut": "doughnut",
+    "burger": "hamburger", "coffee": "coffee cup", "cup": "coffee cup", "beer": "beer mug",
+    "wine": "wine glass", "lightbulb": "light bulb", "bulb": "light bulb", "phone": "telephone",
+    "tv": "television", "present": "gift", "ufo": "flying saucer", "dino": "dinosaur", "croc": "crocodile",
+    "ladybird": "ladybug", "corn": "corn cob", "chili": "chili pepper", "chilli": "chili pepper",
+    "hotdog": "hot dog", "icecream": "ice cream", "spaceship": "rocket", "firetruck": "fire engine",
+    "motorbike": "motorcycle", "seashell": "shell", "sea shell": "shell",
+    "cellphone": "telephone", "taxi": "car",
+}
+SIZE_WORDS = {
+    "small": ("small", "little", "tiny", "teeny", "teensy", "itty", "bitty", "mini", "miniature", "wee", "smaller",
+              "minuscule", "petite"),
+    "medium": ("medium", "mid", "normal", "average", "regular", "moderate", "moderately"),
+    "large": ("large", "big", "giant", "huge", "enormous", "massive", "bigger", "larger", "gigantic", "jumbo",
+              "colossal", "oversized"),
+}
+COLOUR_WORDS = {name: (name,) for name in scenes.BACKGROUNDS} | {
+    "gray": ("gray", "grey"), "purple": ("purple", "violet", "lilac"), "teal": ("teal", "turquoise", "cyan")}
+NUMBERS = {"one": 1, "a": 1, "an": 1, "single": 1, "two": 2, "both": 2, "pair": 2, "couple": 2, "twin": 2,
+           "three": 3, "trio": 3, "triple": 3, "four": 4, "quartet": 4, "duo": 2, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
+           "several": 3, "many": 4, "lots": 4}
+PICTURE_WORDS = ("background", "backdrop", "bg", "picture", "image", "wall", "canvas", "scene", "photo",
+                 "backgroud", "colour", "color", "drawing")
+# Not "up"/"down": "curled up", "lying down" place nothing.
+VERTICAL = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom"}
+
+CENTRE = ("center", "centre", "middle", "central", "centered", "centred")
+# Relation phrases as word tuples -> the relation of the object before them to the one after.
+RELATION_PHRASES = {
+    ("left", "of"): "to the left of", ("left", "side", "of"): "to the left of",
+    ("right", "of"): "to the right of", ("right", "side", "of"): "to the right of",
+    ("above",): "above", ("over",): "above", ("top", "of"): "above", ("atop",): "above",
+    ("higher", "than"): "above", ("on", "top", "of"): "above", ("upon",): "above",
+    ("below",): "below", ("under",): "below", ("beneath",): "below", ("underneath",): "below",
+    ("lower", "than"): "below",
+}
+SIDES = {"left": "to the left of", "right": "to the right of", "top": "above", "bottom": "below",
+         "above": "above", "below": "below"}
+INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+
+_PHRASES_LONGEST_FIRST = sorted(RELATION_PHRASES.items(), key=lambda item: -len(item[0]))
+_NAMES = {tuple(name.split()): name for name in VOCABULARY} | {tuple(p.split()): n for n, p in PLURALS.items()}
+_NAMES |= {tuple(word.split()): name for word, name in SYNONYMS.items()}
+_NAMES |= {(word + "s",): name for word, name in SYNONYMS.items() if " " not in word}
+_NAMES |= {(word[:-1] + "ies",): name for word, name in SYNONYMS.items() if word.endswith("y")}
+# Plurals that differ from the singular ("fish", "sheep", "deer" say nothing about the count).
+_PLURAL_FORMS = {tuple(p.split()) for n, p in PLURALS.items() if p != n} | {(w + "s",) for w in SYNONYMS}
+_PLURAL_FORMS |= {(word[:-1] + "ies",) for word in SYNONYMS if word.endswith("y")}
+_LONGEST = max(len(words) for words in _NAMES)
+_COLOURS = {word: name for name, words in COLOUR_WORDS.items() for word in words}
+_SIZES = {word: name for name, words in SIZE_WORDS.items() for word in words}
+
+
+def _words(text: str) -> list[str]:
+    text = re.sub(r"(\d+)", r" \1 ", str(text).lower().replace("-", " ").replace("_", " "))
+    return re.findall(r"[a-z]+|\d+|[,;:.!?]", text)
+
+
+def _mentions(words):
+    """[(index, end, name, plural)] of object mentions, longest match first, left to right."""
+    found, i = [], 0
+    while i < len(words):
+        for length in range(min(_LONGEST, len(words) - i), 0, -1):
+            key = tuple(words[i:i + length])
+            if key in _NAMES:
+                found.append((i, i + length, _NAMES[key], key in _PLURAL_FORMS))
+                i += length
+                break
+        else:
+            i += 1
+    return found
+
+
+# Words that end the phrase a count can be said in ("two dogs" but not "two cats and dogs").
+_COUNT_STOPS = {",", ";", ":", ".", "!", "?", "and", "with", "on", "in", "at", "to", "by", "next", "near", "under",
+                "over", "above", "below", "beside"}
+
+
+def _number_before(words, index):
+    """A count said in the few words before a mention ("three", "3", "a pair of", "two happy"), or None."""
+    for word in reversed(words[max(0, index - 4):index]):
+        if word.isdigit():
+            return int(word)
+        if word in NUMBERS and word not in ("a", "an"):
+            return NUMBERS[word]
+        if word in _COUNT_STOPS:
+            return None
+    return None
+
+
+def _background(words, object_starts):
+    """The background colour the text names, or None."""
+    colours = [(i, _COLOURS[w]) for i, w in enumerate(words) if w in _COLOURS]
+    for i, colour in colours:
+        after = words[i + 1:i + 3]
+        before = [w for w in words[max(0, i - 3):i] if w not in ("a", "an", "the", "plain", "solid", "bright", "dark", "light")]
+        if after and (after[0] in PICTURE_WORDS or (after[0] in ("coloured", "colored") and len(after) > 1)):
+            return colour
+        if before and (before[-1] in ("on", "against", "in", "over") or before[-1] in PICTURE_WORDS
+                       or before[-1] in (":", "is")) and i + 1 not in object_starts:
+            return colour
+    loose = [(i, c) for i, c in colours if i + 1 not in object_starts
+             and not (i + 2 in object_starts and words[i + 1] in _SIZES)]
+    return loose[0][1] if loose else None
+
+
+def _intensifier(words, i):
+    """Whether words[i] ("right") only stresses a place: "right in the middle", "right at the top"."""
+    rest = [w for w in words[i + 1:i + 4] if w not in ("the", "a")]
+    return len(rest) >= 2 and rest[0] in ("in", "at", "on") and (rest[1] in CENTRE or rest[1] in VERTICAL)
+
+
+def _position(words):
+    """One of scenes.POSITIONS said anywhere in the text (object names blanked out), or None."""
+    vertical = next((VERTICAL[w] for w in words if w in VERTICAL), None)
+    horizontal = next((w for i, w in enumerate(words) if w == "left" or w == "right" and not _intensifier(words, i)),
+                      None)
+    if vertical and horizontal:
+        return f"{vertical} {horizontal}"
+    if vertical or horizontal:
+        return vertical or horizontal
+    return "center" if any(w in CENTRE for w in words) else None
+
+
+def _find_phrase(words):
+    for start in range(len(words)):
+        for phrase, relation in _PHRASES_LONGEST_FIRST:
+            if tuple(words[start:start + len(phrase)]) == phrase:
+                return relation
+    return None
+
+
+def _relation(words, first, second):
+    """(relation, subject, reference) for two mentions, or None when the text says none."""
+    relation = _find_phrase(words[first[1]:second[0]])
+    if relation:  # "a cat to the left of a dog"
+        return relation, first[2], second[2]
+    relation = _find_phrase(words[:first[0]])
+    if relation:  # "to the left of a dog, a cat"
+        return relation, second[2], first[2]
+    after = words[second[1]:]
+    for j in range(len(after)):
+        relation = _find_phrase(after[j:j + 4])
+        if relation and any(w in ("it", "them", "this", "that") for w in after[j + 1:j + 5]):
+            return relation, second[2], first[2]  # "a ship with an anchor underneath it"
+            break
+    if [w for w in words[first[1]:second[0]] if w not in ("a", "an", "the")][-1:] == ["on"]:  # "a cat on a dog"
+        return "above", first[2], second[2]
+    after = words[second[1]:]
+    inside = {j for m in _mentions(after) for j in range(m[0], m[1])}  # the "top" of "top hat" is no side
+    # "a cat and a dog, the dog on the left" / "a cat with a dog on its left" / "a cat next to a dog"
+    for j, word in enumerate(after):
+        if j not in inside and word in SIDES and (word in ("above", "below") or j > 0 and after[j - 1] in ("the", "its", "their", "his", "her")):
+            named = _mentions(after[:j])
+            subject = named[-1][2] if named else second[2]
+            other = first[2] if subject == second[2] else second[2]
+            return SIDES[word], subject, other
+    return None  # a side-less phrase ("next to", "and") or none: the caller puts the first on the left
+
+
+def read(text) -> str | None:
+    """The template caption of the scene `text` describes, or None when it names no known object."""
+    words = _words(text)
+    mentions = _mentions(words)
+    if not mentions:
+        return None
+    background = _background(words, {m[0] for m in mentions} | {m[0] - 1 for m in mentions if m[0] > 0
+                                                                   and words[m[0] - 1] in _SIZES})
+    names = list(dict.fromkeys(m[2] for m in mentions))
+    first = mentions[0]
+    if len(names) == 1:
+        count = _number_before(words, first[0])
+        if count is None:  # "tulips, four of them", "bees x3"
+            count = next((NUMBERS.get(w) or int(w) for w in words[first[1]:] if w.isdigit() and len(w) < 3
+                          or w in NUMBERS and w not in ("a", "an", "one", "single")), None)
+        if count is None and first[3]:
+            count = 2
+        count = None if count is None or count < 2 else min(count, 4)
+        name = names[0]
+        background = background or next(b for b in ("white", "blue", "yellow", "black", *scenes.BACKGROUNDS)
+                                         if b in scenes.visible_backgrounds(name))
+        if count:
+            return scenes.template("count", [name], background, count=count)
+        free = [w for i, w in enumerate(words) if not any(m[0] <= i < m[1] for m in mentions)]
+        size = next((_SIZES[w] for w in free if w in _SIZES), "large")
+        return scenes.template("single", [name], background, size_name=size, position=_position(free) or "center")
+    second = next(m for m in mentions if m[2] != first[2])
+    found = _relation(words, first, second)
+    relation, subject, reference = found or ("to the left of", first[2], second[2])
+    background = background or next(b for b in ("white", "blue", "yellow", "black", *scenes.BACKGROUNDS)
+                                     if b in scenes.visible_backgrounds(subject)
+                                     and b in scenes.visible_backgrounds(reference))
+    return scenes.template("pair", [subject, reference], background, relation=relation)
