@@ -61,3 +61,11 @@ def test_caption_without_background_accepts_any_background():
 
 def test_paraphrase_split_is_reported_after_the_template_splits():
     assert evaluate.SPLITS[:5] == scenes.SPLITS and evaluate.SPLITS[5] == "heldout_paraphrases"
+
+
+def test_an_unknown_split_is_refused_before_any_model_loads(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        evaluate.main(["--splits", "heldout_paraphrases,heldout_typos", "--model", "/nonexistent"])
+    assert "unknown split(s) heldout_typos" in capsys.readouterr().err
