@@ -12,6 +12,7 @@ shapes repeat; padding rows copy the last real row and are dropped.
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -100,6 +101,31 @@ def start(pipe, requests) -> Batch:
                                   prefix=prefix, prefix_length=prefix_length)
     knobs = sampling.sampling_knobs(padded, **{name: np.asarray(values)[fill] for name, values in knob_rows.items()})
     return Batch(list(requests), spans, state, knobs, use_guidance, cfg.image_length)
+
+
+def keep_only(pipe, batch: Batch, keep: list[int]) -> None:
+    """Drops every request but `keep` (indices into batch.requests) from a running batch: their rows
+    leave at once, the kept rows continue from the same position in the bucket that fits them, so a
+    leaving caller's rows stop costing decoder steps. Each kept row's cache, codes, key and knobs move
+    with it, so its codes are the same as if nothing had left."""
+    rows = np.concatenate([np.arange(batch.spans[i].start, batch.spans[i].stop) for i in keep])
+    padded = sharding.bucket_rows(len(rows), pipe._data_devices)
+    if padded >= batch.rows:
+        return  # the same bucket: nothing to gain
+    index = jnp.asarray(rows[np.minimum(np.arange(padded), len(rows) - 1)])  # padding copies the last row
+    cache_index = jnp.concatenate([index, index + batch.rows]) if batch.use_guidance else index
+    state = batch.state
+    batch.state = state._replace(
+        cache=sharding.shard_rows(jax.tree.map(lambda x: x[cache_index], state.cache), pipe.mesh),
+        **{name: sharding.shard_rows(getattr(state, name)[index], pipe.mesh)
+           for name in ("tokens", "codes", "row_keys", "prefix", "prefix_length")})
+    batch.knobs = sampling.SamplingKnobs(*(values[index] for values in batch.knobs))
+    spans, start = [], 0
+    for i in keep:
+        size = batch.spans[i].stop - batch.spans[i].start
+        spans.append(slice(start, start + size))
+        start += size
+    batch.requests, batch.spans = [batch.requests[i] for i in keep], spans
 
 
 def step(pipe, batch: Batch, num_steps: int) -> None:

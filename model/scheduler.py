@@ -21,7 +21,8 @@ its batch-mates.
 Faults and cancellation: a request's inputs are checked before it is submitted. If building a shared
 batch or one of its chunks fails, its requests go back to the front of the line to run alone, so a
 request that breaks fails by itself. A consumer that closes its stream (a cancelled or disconnected
-caller) leaves at the next chunk: a waiting request is dropped, and a batch whose requests have all
+caller) leaves at the next chunk: a waiting request is dropped, its rows leave a batch others still
+use (the rest continue in a smaller bucket, `batching.keep_only`), and a batch whose requests have all
 left stops there.
 """
 
@@ -56,6 +57,7 @@ class Scheduler:
         self.max_rows = max_rows
         self.max_requests = max_requests
         self.batches = collections.deque(maxlen=1000)  # (requests, rows) of recent batches, for tests and logs
+        self.shrunk = collections.deque(maxlen=1000)  # (rows before, rows after) when leavers' rows left
         self._waiting = collections.deque()
         self._ready = threading.Condition()
         self._worker = threading.Thread(target=self._loop, name=f"scheduler-{pipe.name}", daemon=True)
@@ -147,6 +149,13 @@ class Scheduler:
             present = [not t.left.is_set() for t in tickets]
             if not any(present):  # everyone left: the rows are free for the next batch now
                 return
+            if not all(present):  # some left: their rows leave the batch before the next chunk
+                before = batch.rows
+                batching.keep_only(pipe, batch, [i for i, here in enumerate(present) if here])
+                if batch.rows < before:
+                    self.shrunk.append((before, batch.rows))
+                tickets = [t for t, here in zip(tickets, present) if here]
+                present = [True] * len(tickets)
             batching.step(pipe, batch, pipeline_lib.CHUNK_STEPS)  # read per chunk: tests shorten it
             codes = batch.host_codes() if any(t.wants_codes for t in tickets) else None
             if batch.done < batch.image_length:

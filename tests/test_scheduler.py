@@ -1,6 +1,7 @@
 """Continuous batching (model/scheduler.py, model/batching.py) on tiny random weights: a request's
 answer is the same alone and inside a mixed batch, per-row knobs compile nothing new, a failing or
-cancelled request leaves its batch-mates intact, and the Space's per-caller limit."""
+cancelled request leaves its batch-mates intact (and its rows leave the batch), and the Space's
+per-caller limit."""
 
 import threading
 import types
@@ -131,6 +132,34 @@ def test_a_cancelled_request_leaves_its_batch_mates_intact(pipe, monkeypatch):
     assert isinstance(next(leaving), Progress)
     leaving.close()
     _same(list(staying)[-1], expected)
+
+
+def test_rows_of_requests_that_left_leave_the_running_batch(pipe, upload):
+    requests = _mixed(pipe, upload)
+    batch = batching.start(pipe, requests)
+    rows = batch.rows
+    batching.step(pipe, batch, 5)
+    batching.keep_only(pipe, batch, [1, 3])  # mid-image: a sampler-knob row and a variation stay
+    kept = [requests[1], requests[3]]
+    assert batch.rows == sharding.bucket_rows(sum(map(batching.row_count, kept))) < rows
+    while batch.done < batch.image_length:
+        batching.step(pipe, batch, 5)
+    codes = batch.host_codes()
+    for request, span in zip(kept, batch.spans):
+        _same(pipe.finish(request, codes[span]), _alone(pipe, request))
+
+
+def test_a_cancelled_request_frees_its_rows_at_the_next_chunk(pipe, monkeypatch):
+    monkeypatch.setattr("model.pipeline.CHUNK_STEPS", 2)
+    requests = [pipe.request("two rockets", seed=1, num_images=2, candidates=6),
+                pipe.request("a large green frog", seed=2, num_images=2, candidates=2)]
+    expected = _alone(pipe, requests[1])
+    scheduler = Scheduler(pipe)
+    leaving, staying = _held(scheduler, requests)
+    next(leaving)
+    leaving.close()
+    _same(list(staying)[-1], expected)
+    assert list(scheduler.shrunk) == [(sharding.bucket_rows(8), sharding.bucket_rows(2))]
 
 
 def test_a_batch_everyone_left_stops_at_the_next_chunk(pipe, monkeypatch):
