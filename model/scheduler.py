@@ -32,7 +32,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from model import batching
+from model import batching, sharding
 from model import pipeline as pipeline_lib
 from model.pipeline import Progress, Request, return_freed_memory
 
@@ -58,6 +58,7 @@ class Scheduler:
         self.max_requests = max_requests
         self.batches = collections.deque(maxlen=1000)  # (requests, rows) of recent batches, for tests and logs
         self.shrunk = collections.deque(maxlen=1000)  # (rows before, rows after) when leavers' rows left
+        self._compiled = set()  # batch sizes (buckets) this worker has sampled
         self._waiting = collections.deque()
         self._ready = threading.Condition()
         self._worker = threading.Thread(target=self._loop, name=f"scheduler-{pipe.name}", daemon=True)
@@ -145,17 +146,20 @@ class Scheduler:
         pipe = self.pipe
         batch = batching.start(pipe, [t.request for t in tickets])
         self.batches.append((len(tickets), batch.rows))
+        self._compiled.add(batch.rows)
         while batch.done < batch.image_length:
             present = [not t.left.is_set() for t in tickets]
             if not any(present):  # everyone left: the rows are free for the next batch now
                 return
             if not all(present):  # some left: their rows leave the batch before the next chunk
-                before = batch.rows
-                batching.keep_only(pipe, batch, [i for i, here in enumerate(present) if here])
-                if batch.rows < before:
+                kept = [i for i, here in enumerate(present) if here]
+                target = sharding.bucket_rows(sum(tickets[i].rows for i in kept), pipe._data_devices)
+                # Only into a bucket this worker has compiled, so those who stay never wait for a compile.
+                if target < batch.rows and target in self._compiled:
+                    before = batch.rows
+                    batching.keep_only(pipe, batch, kept)
                     self.shrunk.append((before, batch.rows))
-                tickets = [t for t, here in zip(tickets, present) if here]
-                present = [True] * len(tickets)
+                    tickets, present = [tickets[i] for i in kept], [True] * len(kept)
             batching.step(pipe, batch, pipeline_lib.CHUNK_STEPS)  # read per chunk: tests shorten it
             codes = batch.host_codes() if any(t.wants_codes for t in tickets) else None
             if batch.done < batch.image_length:

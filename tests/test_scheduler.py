@@ -155,11 +155,19 @@ def test_a_cancelled_request_frees_its_rows_at_the_next_chunk(pipe, monkeypatch)
                 pipe.request("a large green frog", seed=2, num_images=2, candidates=2)]
     expected = _alone(pipe, requests[1])
     scheduler = Scheduler(pipe)
+    list(scheduler.submit(requests[1]))  # the worker compiles the 2-row bucket first
     leaving, staying = _held(scheduler, requests)
     next(leaving)
     leaving.close()
     _same(list(staying)[-1], expected)
     assert list(scheduler.shrunk) == [(sharding.bucket_rows(8), sharding.bucket_rows(2))]
+    # Into a bucket the worker has not compiled, rows stay (no one waits for a compile).
+    fresh = Scheduler(pipe)
+    leaving, staying = _held(fresh, requests)
+    next(leaving)
+    leaving.close()
+    _same(list(staying)[-1], expected)
+    assert not fresh.shrunk
 
 
 def test_a_batch_everyone_left_stops_at_the_next_chunk(pipe, monkeypatch):
