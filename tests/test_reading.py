@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.data import captions, scenes
 from model.data.reading import read
@@ -96,3 +98,15 @@ def test_unnamed_background_is_one_the_object_shows_on():
         if name in scenes.VOCABULARY:
             background = read(name).rsplit(" on ", 1)[1].split()[-2]
             assert background in scenes.visible_backgrounds(name)
+
+
+_WORDS = sorted({w for name in scenes.VOCABULARY for w in name.split()} | set(scenes.BACKGROUNDS)
+                | {"on", "the", "a", "of", "left", "right", "top", "bottom", "above", "below", "under", "next", "to",
+                   "two", "3", "four", "big", "tiny", "background", "its", "it", "and", "with", ",", ":", "middle"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=80), st.lists(st.sampled_from(_WORDS), max_size=14).map(" ".join)))
+def test_any_text_reads_as_a_caption_that_reads_as_itself(text):
+    caption = read(text)
+    assert caption is None or read(caption) == caption

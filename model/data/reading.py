@@ -47,8 +47,8 @@ SIZE_WORDS = {
 COLOUR_WORDS = {name: (name,) for name in scenes.BACKGROUNDS} | {
     "gray": ("gray", "grey"), "purple": ("purple", "violet", "lilac"), "teal": ("teal", "turquoise", "cyan")}
 NUMBERS = {"one": 1, "a": 1, "an": 1, "single": 1, "two": 2, "both": 2, "pair": 2, "couple": 2, "twin": 2,
-           "three": 3, "trio": 3, "triple": 3, "four": 4, "quartet": 4, "duo": 2, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
-           "several": 3, "many": 4, "lots": 4}
+           "duo": 2, "three": 3, "trio": 3, "triple": 3, "four": 4, "quartet": 4, "five": 5, "six": 6, "seven": 7,
+           "eight": 8, "nine": 9, "ten": 10, "several": 3, "many": 4, "lots": 4}
 PICTURE_WORDS = ("background", "backdrop", "bg", "picture", "image", "wall", "canvas", "scene", "photo",
                  "backgroud", "colour", "color", "drawing")
 # Not "up"/"down": "curled up", "lying down" place nothing.
@@ -66,7 +66,6 @@ RELATION_PHRASES = {
 }
 SIDES = {"left": "to the left of", "right": "to the right of", "top": "above", "bottom": "below",
          "above": "above", "below": "below"}
-INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 
 _PHRASES_LONGEST_FIRST = sorted(RELATION_PHRASES.items(), key=lambda item: -len(item[0]))
 _NAMES = {tuple(name.split()): name for name in VOCABULARY} | {tuple(p.split()): n for n, p in PLURALS.items()}
@@ -118,12 +117,15 @@ def _number_before(words, index):
     return None
 
 
+_SHADE_WORDS = ("a", "an", "the", "plain", "solid", "bright", "dark", "light")
+
+
 def _background(words, object_starts):
     """The background colour the text names, or None."""
     colours = [(i, _COLOURS[w]) for i, w in enumerate(words) if w in _COLOURS]
     for i, colour in colours:
         after = words[i + 1:i + 3]
-        before = [w for w in words[max(0, i - 3):i] if w not in ("a", "an", "the", "plain", "solid", "bright", "dark", "light")]
+        before = [w for w in words[max(0, i - 3):i] if w not in _SHADE_WORDS]
         if after and (after[0] in PICTURE_WORDS or (after[0] in ("coloured", "colored") and len(after) > 1)):
             return colour
         if before and (before[-1] in ("on", "against", "in", "over") or before[-1] in PICTURE_WORDS
@@ -173,19 +175,26 @@ def _relation(words, first, second):
         relation = _find_phrase(after[j:j + 4])
         if relation and any(w in ("it", "them", "this", "that") for w in after[j + 1:j + 5]):
             return relation, second[2], first[2]  # "a ship with an anchor underneath it"
-            break
     if [w for w in words[first[1]:second[0]] if w not in ("a", "an", "the")][-1:] == ["on"]:  # "a cat on a dog"
         return "above", first[2], second[2]
     after = words[second[1]:]
     inside = {j for m in _mentions(after) for j in range(m[0], m[1])}  # the "top" of "top hat" is no side
     # "a cat and a dog, the dog on the left" / "a cat with a dog on its left" / "a cat next to a dog"
     for j, word in enumerate(after):
-        if j not in inside and word in SIDES and (word in ("above", "below") or j > 0 and after[j - 1] in ("the", "its", "their", "his", "her")):
+        said_as_side = word in ("above", "below") or j > 0 and after[j - 1] in ("the", "its", "their", "his", "her")
+        if j not in inside and word in SIDES and said_as_side:
             named = _mentions(after[:j])
             subject = named[-1][2] if named else second[2]
             other = first[2] if subject == second[2] else second[2]
             return SIDES[word], subject, other
     return None  # a side-less phrase ("next to", "and") or none: the caller puts the first on the left
+
+
+def _default_background(*names) -> str:
+    """The first of white, blue, yellow, black (then the rest) that every named object shows on."""
+    shown = [b for b in ("white", "blue", "yellow", "black", *scenes.BACKGROUNDS)
+             if all(b in scenes.visible_backgrounds(name) for name in names)]
+    return shown[0] if shown else "white"
 
 
 def read(text) -> str | None:
@@ -207,8 +216,7 @@ def read(text) -> str | None:
             count = 2
         count = None if count is None or count < 2 else min(count, 4)
         name = names[0]
-        background = background or next(b for b in ("white", "blue", "yellow", "black", *scenes.BACKGROUNDS)
-                                         if b in scenes.visible_backgrounds(name))
+        background = background or _default_background(name)
         if count:
             return scenes.template("count", [name], background, count=count)
         free = [w for i, w in enumerate(words) if not any(m[0] <= i < m[1] for m in mentions)]
@@ -217,7 +225,5 @@ def read(text) -> str | None:
     second = next(m for m in mentions if m[2] != first[2])
     found = _relation(words, first, second)
     relation, subject, reference = found or ("to the left of", first[2], second[2])
-    background = background or next(b for b in ("white", "blue", "yellow", "black", *scenes.BACKGROUNDS)
-                                     if b in scenes.visible_backgrounds(subject)
-                                     and b in scenes.visible_backgrounds(reference))
+    background = background or _default_background(subject, reference)
     return scenes.template("pair", [subject, reference], background, relation=relation)
