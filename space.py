@@ -400,6 +400,8 @@ def _page_outputs(answer: Answer, grid_path: str):
               f"{SCORE_HELP[result.score_kind]}")
     if result.read_as:  # the model's prompt reader rewrote the prompt: say what was drawn
         status += f"  \nDrawn as: *{result.read_as}*"
+    elif not result.understood:
+        status += "  \nNone of these words name something this model knows, so they were drawn as written."
     return gallery, result.seed, status, gr.update(value=grid_path, visible=True)
 
 

@@ -104,6 +104,7 @@ class GenerationResult:
     parameters: dict  # every option as used, defaults filled in (keep_rows, strength too for variations)
     score_kind: str = "clip_logit"  # or "image_similarity" (variations without a prompt)
     read_as: str = ""  # the caption the model drew, when its prompt reader rewrote `prompt`
+    understood: bool = True  # False: the model's prompt reader found nothing it knows in `prompt`
 
 
 @dataclasses.dataclass
@@ -297,6 +298,7 @@ class Pipeline:
                 parameters=dict(parameters),
                 score_kind=score_kind,
                 read_as=texts[p] if texts[p] != text else "",
+                understood=not (self.reader and text and self.reader(text) is None),
             ))
         return_freed_memory()
         return results

@@ -74,3 +74,10 @@ def test_an_object_colour_is_not_taken_for_the_background(pipe):
     result = pipe.generate("a red apple", seed=0, num_images=4)
     assert result.read_as.endswith("on a white background")
     assert sum(background_of(np.asarray(image))[0] == "white" for image in result.images) >= 3
+
+
+def test_a_prompt_naming_nothing_known_is_flagged(pipe):
+    unknown = pipe.generate("a wizard casting spells", seed=0, num_images=1)
+    assert not unknown.understood and unknown.read_as == ""
+    assert pipe.generate("cat", seed=0, num_images=1).understood
+    assert pipe.generate("a large fox in the center on a blue background", seed=0, num_images=1).understood
