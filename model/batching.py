@@ -103,15 +103,16 @@ def start(pipe, requests) -> Batch:
     return Batch(list(requests), spans, state, knobs, use_guidance, cfg.image_length)
 
 
-def keep_only(pipe, batch: Batch, keep: list[int]) -> None:
+def keep_only(pipe, batch: Batch, keep: list[int], buckets=None) -> bool:
     """Drops every request but `keep` (indices into batch.requests) from a running batch: their rows
     leave at once, the kept rows continue from the same position in the bucket that fits them, so a
     leaving caller's rows stop costing decoder steps. Each kept row's cache, codes, key and knobs move
-    with it, so its codes are the same as if nothing had left."""
+    with it, so its codes are the same as if nothing had left. Returns whether the batch shrank: not
+    when the kept rows need the same bucket, or one outside `buckets` (when given)."""
     rows = np.concatenate([np.arange(batch.spans[i].start, batch.spans[i].stop) for i in keep])
     padded = sharding.bucket_rows(len(rows), pipe._data_devices)
-    if padded >= batch.rows:
-        return  # the same bucket: nothing to gain
+    if padded >= batch.rows or (buckets is not None and padded not in buckets):
+        return False
     index = jnp.asarray(rows[np.minimum(np.arange(padded), len(rows) - 1)])  # padding copies the last row
     cache_index = jnp.concatenate([index, index + batch.rows]) if batch.use_guidance else index
     state = batch.state
@@ -126,6 +127,7 @@ def keep_only(pipe, batch: Batch, keep: list[int]) -> None:
         spans.append(slice(start, start + size))
         start += size
     batch.requests, batch.spans = [batch.requests[i] for i in keep], spans
+    return True
 
 
 def step(pipe, batch: Batch, num_steps: int) -> None:

@@ -4,8 +4,8 @@
 
 For each split of `model.data.scenes` (seen compositions from "train", and each held-out split), and
 "heldout_paraphrases" (train-distribution scenes captioned only in the wordings that
-`model.data.captions` keeps out of training), it samples scenes with a fixed seed, generates one image per caption (best of `--candidates` by the
-model's own CLIP) and measures the image against the scene it was asked for, with checks that do
+`model.data.captions` keeps out of training), it samples scenes with a fixed seed, generates one
+image per caption (best of `--candidates` by the model's own CLIP) and measures the image against the scene it was asked for, with checks that do
 not use the model's CLIP:
 - background: the colour of the image border, nearest of the named backgrounds (only where the
   caption names one: "a fox in the top left" accepts any background);
@@ -156,8 +156,7 @@ def evaluate(pipe, per_split: int, candidates: int, seed: int = 0, batch: int = 
         rebuilt = np.stack([np.asarray(image) for image in pipe.decode_codes(codes)])
         # CLIP retrieval among the split's rendered scenes, of the text the pipeline's CLIP reads (a
         # model's prompt reader may rewrite a caption, see Pipeline.reader).
-        read = [(pipe.reader(c) or c) if pipe.reader else c for c in captions]
-        logits = pipe.reranker.logits(read, list(truth))
+        logits = pipe.reranker.logits([pipe.read(c) for c in captions], list(truth))
         retrieval = float(np.mean(np.argmax(logits.T, axis=1) == np.arange(per_split)))
         # Generation, best of `candidates` by the model's CLIP.
         generated = []

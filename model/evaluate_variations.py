@@ -158,8 +158,9 @@ def main(argv=None) -> int:
         print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     print(markdown(table))
     if args.out:
-        args.out.write_text(json.dumps({"model": pipe.name, "uploads": args.uploads, "variations": args.variations, "candidates": args.candidates,
-                                        "seed": args.seed, "table": table}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"model": pipe.name, "uploads": args.uploads, "variations": args.variations,
+                                        "candidates": args.candidates, "seed": args.seed, "table": table},
+                                       indent=2) + "\n")
     return 0
 
 

@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     except (InvalidInputError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if request.read_as:
-        print(f"drawn as: {request.read_as[0]}")  # the model's prompt reader rewrote the prompt
+    if request.texts != request.prompts:
+        print(f"drawn as: {request.texts[0]}")  # the model's prompt reader rewrote the prompt
     with tqdm(total=pipe.bart_config.image_length, unit="code", desc="sampling") as bar:
         for item in pipe.run(request):
             if isinstance(item, Progress):

@@ -123,8 +123,8 @@ def load_pipeline(name_or_path=None, mesh=None, compilation_cache=True, dtype=No
                         std=std, mesh=mesh)
     pipeline = Pipeline(
         bart=bart, bart_params=bart_params, bart_tokenizer=load_bart_tokenizer(folders["bart"]),
-        vqgan=vqgan, vqgan_params=vqgan_params, reranker=reranker, normalizer=normalizer, reader=prompt_reader(info),
-        defaults=defaults, name=name, info=info, mesh=mesh, dtype=dtype,
+        vqgan=vqgan, vqgan_params=vqgan_params, reranker=reranker, normalizer=normalizer,
+        reader=prompt_reader(info), defaults=defaults, name=name, info=info, mesh=mesh, dtype=dtype,
     )
     del bart_params, clip_params
     gc.collect()

@@ -57,11 +57,12 @@ class Request:
     image: Image.Image | None = None  # variations: the upload, RGB
     keep_rows: int = 0  # variations: rows of the upload's image tokens kept as they are
     strength: float = 0.0  # variations: share of the other tokens copied from the upload (0 = none, 1 = all)
-    read_as: tuple[str, ...] = ()  # what the model reads for each prompt (its prompt reader's rewrite)
+    readings: tuple = ()  # per prompt, its model's prompt reader's caption (None: nothing known); () no reader
 
     @property
     def texts(self) -> tuple[str, ...]:
-        return self.read_as or self.prompts
+        """What the model reads for each prompt: the reader's caption, else the prompt as written."""
+        return tuple(r or p for r, p in zip(self.readings, self.prompts)) if self.readings else self.prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +182,9 @@ class Pipeline:
         With a prompt the sampling follows the prompt (super-conditioned) and CLIP ranks by the prompt;
         without one it is unconditional and ranked by CLIP image similarity to `image`. Neither given:
         keep_rows 0 and strength DEFAULT_STRENGTH (DEFAULT_EDIT_STRENGTH with a prompt); only keep_rows
-        given: strength 0 (the rest sampled freely); only strength given: keep_rows 0. keep_rows 0 and strength 0 with a prompt is plain
-        text-to-image (same seed, same codes), without one unconditional generation.
+        given: strength 0 (the rest sampled freely); only strength given: keep_rows 0. keep_rows 0 and
+        strength 0 with a prompt is plain text-to-image (same seed, same codes), without one
+        unconditional generation.
         """
         return _last(self.run(self.request(prompt, image=image, keep_rows=keep_rows, strength=strength, **options)))
 
@@ -215,9 +217,12 @@ class Pipeline:
         if rows > MAX_ROWS:
             raise InvalidInputError(f"Too many images in one call: {max(len(inputs.prompts), 1)} prompts x "
                                     f"{resolved.candidates} candidates = {rows}; at most {MAX_ROWS}.")
-        read_as = tuple((self.reader(p) or p) if self.reader else p for p in inputs.prompts)
-        return Request(inputs.prompts, resolved, inputs.single, inputs.image, keep_rows, strength,
-                       read_as if read_as != inputs.prompts else ())
+        readings = tuple(self.reader(p) for p in inputs.prompts) if self.reader else ()
+        return Request(inputs.prompts, resolved, inputs.single, inputs.image, keep_rows, strength, readings)
+
+    def read(self, prompt: str) -> str:
+        """The text the model reads for `prompt` (see `reader`)."""
+        return (self.reader(prompt) if self.reader else None) or prompt
 
     def run(self, request: Request, preview_every: int | None = None, previews_after_s: float = 0.0) -> Iterator:
         """Samples a checked request: yields a `Progress` after every chunk of tokens (with preview
@@ -298,7 +303,7 @@ class Pipeline:
                 parameters=dict(parameters),
                 score_kind=score_kind,
                 read_as=texts[p] if texts[p] != text else "",
-                understood=not (self.reader and text and self.reader(text) is None),
+                understood=not request.readings or request.readings[p] is not None,
             ))
         return_freed_memory()
         return results

@@ -117,13 +117,11 @@ def prompt_overrule(strength: float) -> float:
 _COPY_STREAM = 0x636F7079
 
 
-def guide_copies(logits, guide, strength, overrule, step_keys, temperature, num_real_codes: int):
+def guide_copies(scaled, guide, strength, overrule, step_keys):
     """`[batch]` bool: copy the guide code here (see the module docstring).
 
-    logits: `[batch, vocab]` (guided, before temperature); guide: `[batch]` codes; strength, overrule,
-    temperature: `[batch]`."""
-    scale = jnp.where(temperature <= 0, 1.0, temperature)[:, None]
-    scaled = jnp.where(jnp.arange(logits.shape[1]) < num_real_codes, logits / scale, -jnp.inf)
+    scaled: `[batch, vocab]` logits from `scale_logits`; guide: `[batch]` codes; strength, overrule:
+    `[batch]`."""
     margin = jnp.max(scaled, axis=1) - jnp.take_along_axis(scaled, guide[:, None], axis=1)[:, 0]
     allowed = jnp.isinf(overrule) | (margin <= overrule)
     draw = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _COPY_STREAM)))(step_keys)
@@ -193,14 +191,24 @@ def filter_logits(logits, temperature, top_k, top_p, num_real_codes: int):
     Returns:
       `[batch, vocab]` float32: logits / temperature where kept, -inf elsewhere.
     """
+    return filter_scaled(scale_logits(logits, temperature, num_real_codes), temperature, top_k, top_p)
+
+
+def scale_logits(logits, temperature, num_real_codes: int):
+    """`[batch, vocab]` float32: unreal ids masked to -inf, the rest divided by the temperature (by 1
+    for greedy rows, temperature <= 0)."""
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), logits.shape[:1])
+    logits = jnp.where(jnp.arange(logits.shape[1]) < num_real_codes, logits.astype(jnp.float32), -jnp.inf)
+    return logits / jnp.where(temperature <= 0, 1.0, temperature)[:, None]
+
+
+def filter_scaled(logits, temperature, top_k, top_p):
+    """`filter_logits` past `scale_logits`: top-k (greedy rows keep their top-1), then top-p."""
     batch, vocab = logits.shape
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch,))
     top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (batch,))
     top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (batch,))
-
-    logits = jnp.where(jnp.arange(vocab) < num_real_codes, logits.astype(jnp.float32), -jnp.inf)
     greedy = temperature <= 0
-    logits = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     # k = vocab keeps every id: the threshold drops to the smallest key, -inf included.
     k = jnp.where(greedy, 1, jnp.where(top_k <= 0, vocab, jnp.minimum(top_k, vocab)))
 
@@ -261,9 +269,9 @@ def _run_steps(step_fn, params, state, knobs, num_steps, num_real_codes, use_gui
             logits = guided_logits(logits[:batch], logits[batch:], knobs.condition_scale)
         known = lax.dynamic_index_in_dim(state.prefix, state.step, axis=1, keepdims=False)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.row_keys, state.step)
-        copied = guide_copies(logits, known, knobs.strength, knobs.overrule, step_keys, knobs.temperature,
-                              num_real_codes)
-        logits = filter_logits(logits, knobs.temperature, knobs.top_k, knobs.top_p, num_real_codes)
+        scaled = scale_logits(logits, knobs.temperature, num_real_codes)
+        copied = guide_copies(scaled, known, knobs.strength, knobs.overrule, step_keys)
+        logits = filter_scaled(scaled, knobs.temperature, knobs.top_k, knobs.top_p)
         tokens = _sample_rows(step_keys, logits)
         forced = (state.step < state.prefix_length) | copied
         tokens = jnp.where(forced, known, tokens)

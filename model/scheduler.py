@@ -32,7 +32,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from model import batching, sharding
+from model import batching
 from model import pipeline as pipeline_lib
 from model.pipeline import Progress, Request, return_freed_memory
 
@@ -152,12 +152,9 @@ class Scheduler:
             if not any(present):  # everyone left: the rows are free for the next batch now
                 return
             if not all(present):  # some left: their rows leave the batch before the next chunk
-                kept = [i for i, here in enumerate(present) if here]
-                target = sharding.bucket_rows(sum(tickets[i].rows for i in kept), pipe._data_devices)
+                kept, before = [i for i, here in enumerate(present) if here], batch.rows
                 # Only into a bucket this worker has compiled, so those who stay never wait for a compile.
-                if target < batch.rows and target in self._compiled:
-                    before = batch.rows
-                    batching.keep_only(pipe, batch, kept)
+                if batching.keep_only(pipe, batch, kept, buckets=self._compiled):
                     self.shrunk.append((before, batch.rows))
                     tickets, present = [tickets[i] for i in kept], [True] * len(kept)
             batching.step(pipe, batch, pipeline_lib.CHUNK_STEPS)  # read per chunk: tests shorten it

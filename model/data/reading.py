@@ -177,7 +177,6 @@ def _relation(words, first, second):
             return relation, second[2], first[2]  # "a ship with an anchor underneath it"
     if [w for w in words[first[1]:second[0]] if w not in ("a", "an", "the")][-1:] == ["on"]:  # "a cat on a dog"
         return "above", first[2], second[2]
-    after = words[second[1]:]
     inside = {j for m in _mentions(after) for j in range(m[0], m[1])}  # the "top" of "top hat" is no side
     # "a cat and a dog, the dog on the left" / "a cat with a dog on its left" / "a cat next to a dog"
     for j, word in enumerate(after):
