@@ -63,6 +63,26 @@ def _held(scheduler, requests, **kwargs):
         return [scheduler.submit(r, **kwargs) for r in requests]
 
 
+def _leave_after_first_chunk(monkeypatch, scheduler, requests):
+    """Submits `requests` as one batch and closes the first one's stream after its first chunk. The
+    worker holds its second chunk until then, so it sees the leaver at its third, however fast it is."""
+    left = threading.Event()
+    step, calls = batching.step, []
+
+    def held_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            assert left.wait(60), "the leaver never closed its stream"
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(batching, "step", held_step)
+    leaving, *staying = _held(scheduler, requests)
+    assert isinstance(next(leaving), Progress)
+    leaving.close()
+    left.set()
+    return staying
+
+
 def test_a_mixed_batch_samples_every_row_as_alone(pipe, upload):
     requests = _mixed(pipe, upload)
     batch = batching.start(pipe, requests)
@@ -127,10 +147,7 @@ def test_a_cancelled_request_leaves_its_batch_mates_intact(pipe, monkeypatch):
     monkeypatch.setattr("model.pipeline.CHUNK_STEPS", 2)
     requests = [pipe.request("two rockets", seed=1, num_images=2), pipe.request("a large green frog", seed=2)]
     expected = _alone(pipe, requests[1])
-    scheduler = Scheduler(pipe)
-    leaving, staying = _held(scheduler, requests)
-    assert isinstance(next(leaving), Progress)
-    leaving.close()
+    (staying,) = _leave_after_first_chunk(monkeypatch, Scheduler(pipe), requests)
     _same(list(staying)[-1], expected)
 
 
@@ -156,16 +173,14 @@ def test_a_cancelled_request_frees_its_rows_at_the_next_chunk(pipe, monkeypatch)
     expected = _alone(pipe, requests[1])
     scheduler = Scheduler(pipe)
     list(scheduler.submit(requests[1]))  # the worker compiles the 2-row bucket first
-    leaving, staying = _held(scheduler, requests)
-    next(leaving)
-    leaving.close()
+    (staying,) = _leave_after_first_chunk(monkeypatch, scheduler, requests)
     _same(list(staying)[-1], expected)
     assert list(scheduler.shrunk) == [(sharding.bucket_rows(8), sharding.bucket_rows(2))]
     # Into a bucket the worker has not compiled, rows stay (no one waits for a compile).
+    monkeypatch.undo()
+    monkeypatch.setattr("model.pipeline.CHUNK_STEPS", 2)
     fresh = Scheduler(pipe)
-    leaving, staying = _held(fresh, requests)
-    next(leaving)
-    leaving.close()
+    (staying,) = _leave_after_first_chunk(monkeypatch, fresh, requests)
     _same(list(staying)[-1], expected)
     assert not fresh.shrunk
 
@@ -178,11 +193,9 @@ def test_a_batch_everyone_left_stops_at_the_next_chunk(pipe, monkeypatch):
     original = sampling.sample_codes_chunk
     monkeypatch.setattr(sampling, "sample_codes_chunk", lambda *a, **k: chunks.append(1) or original(*a, **k))
     scheduler = Scheduler(pipe)
-    (stream,) = _held(scheduler, [pipe.request("two rockets", seed=1)])
-    next(stream)
-    stream.close()
+    _leave_after_first_chunk(monkeypatch, scheduler, [pipe.request("two rockets", seed=1)])
     _same(list(scheduler.submit(after))[-1], want)
-    assert len(chunks) < 8 + 8  # the first batch stopped early; the second ran its 8 chunks
+    assert len(chunks) == 2 + 8  # the first batch stopped when it saw no one left; the second ran its 8
 
 
 def _space(pipe, tmp_path, per_caller):
