@@ -312,14 +312,14 @@ def test_train_within_sizes_the_run_to_the_time_given(tmp_path):
     init_state(task, cfg, make_optimizer(cfg))  # a process's first initialization costs more than later ones
     began = time.time()
     train(task, _loop(2), tmp_path / "warm", quiet=True)
-    seconds = max(20.0, 3 * (time.time() - began))
+    seconds = max(24.0, 4 * (time.time() - began))
     run = tmp_path / "run"
     began = time.time()
     state = train_within(task, cfg, run, seconds=seconds, probe_steps=20, quiet=True)
     took = time.time() - began
     steps = json.loads((run / "config.json").read_text())["steps"]
     assert int(state.step) == steps > 40  # the probe is not all it ran
-    assert 0.6 * seconds < took < 1.4 * seconds, (took, seconds)
+    assert 0.6 * seconds < took < 1.5 * seconds, (took, seconds)
     logged = [r["step"] for r in read_log(run) if "loss" in r]
     assert logged[:4] == [5, 10, 15, 20] and logged[-1] == steps  # probe records, then the run's
     again = train_within(task, cfg, run, seconds=seconds, probe_steps=20, quiet=True)
