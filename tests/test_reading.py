@@ -83,6 +83,23 @@ def test_paraphrases_read_as_their_scenes(heldout):
     ("tulips, four of them, on a purple backdrop", "four tulips on a purple background"),
     ("I want a camera, moderately sized, on the left, pink wallpaper",
      "a medium camera on the left on a pink background"),
+    # Everyday and British names; a "dice" with an article is one.
+    ("a telly on a purple background", "a large television in the center on a purple background"),
+    ("an aubergine, upper left, grey", "a large eggplant in the top left on a gray background"),
+    ("a dice on blue", "a large die in the center on a blue background"),
+    ("a four-leaf clover on green", "a large clover in the center on a green background"),
+    ("a small gift box at the top, red bg", "a small gift at the top on a red background"),
+    # Quality words and separators of keyword prompts; hashtags.
+    ("guitar, bottom left, 4k, 1080p, yellow", "a large guitar in the bottom left on a yellow background"),
+    ("bg: orange | kite | top | med", "a medium kite at the top on an orange background"),
+    ("#owl #bottomright #teal", "a large owl in the bottom right on a teal background"),
+    # Sides given as labels, and relations said of "it".
+    ("top: moon / bottom: house, black", "a moon above a house on a black background"),
+    ("pear right, lemon left", "a pear to the right of a lemon on a white background"),
+    ("an owl and a tree: owl on top, tree underneath", "an owl above a tree on a white background"),
+    ("From left to right: a pig, then a cow.", "a pig to the left of a cow on a white background"),
+    ("a bus, and below it a car", "a car below a bus on a white background"),
+    ("a drum, to its left a guitar", "a guitar to the left of a drum on a white background"),
 ])
 def test_free_wordings(text, caption):
     assert read(text) == caption

@@ -36,11 +36,36 @@ SYNONYMS = {
     "hotdog": "hot dog", "icecream": "ice cream", "spaceship": "rocket", "firetruck": "fire engine",
     "motorbike": "motorcycle", "seashell": "shell", "sea shell": "shell",
     "cellphone": "telephone", "taxi": "car",
+    # More everyday and British names, so that what people call a thing finds it.
+    "padlock": "lock", "honeybee": "bee", "bumblebee": "bee", "lady beetle": "ladybug", "lady bug": "ladybug",
+    "telly": "television", "television set": "television", "diamond": "gem", "jewel": "gem", "gemstone": "gem",
+    "teddy": "teddy bear", "aubergine": "eggplant", "chopper": "helicopter", "pushbike": "bicycle",
+    "gamepad": "game controller", "joypad": "game controller", "controller": "game controller",
+    "mandarin": "tangerine", "clementine": "tangerine", "satsuma": "tangerine", "spud": "potato",
+    "tater": "potato", "fir": "pine tree", "fir tree": "pine tree", "christmas tree": "pine tree",
+    "evergreen": "pine tree", "jigsaw": "puzzle piece", "jigsaw piece": "puzzle piece", "fire truck": "fire engine",
+    "four leaf clover": "clover", "shamrock": "clover", "bag of money": "money bag", "moneybag": "money bag",
+    "sack of money": "money bag", "tortoise": "turtle", "alligator": "crocodile", "gator": "crocodile",
+    "rooster": "chicken", "piglet": "pig", "stallion": "horse", "stag": "deer", "ewe": "sheep", "ram": "sheep",
+    "pup": "dog", "doggo": "dog", "brontosaurus": "dinosaur", "sauropod": "dinosaur", "capsicum": "bell pepper",
+    "cheeseburger": "hamburger", "biscuit": "cookie", "lolly": "lollipop", "honey": "honey pot",
+    "honey jar": "honey pot", "coffee mug": "coffee cup", "teacup": "coffee cup", "tea cup": "coffee cup",
+    "wineglass": "wine glass", "glass of wine": "wine glass", "pint": "beer mug", "tankard": "beer mug",
+    "cab": "car", "locomotive": "train", "aircraft": "airplane", "airliner": "airplane", "yacht": "sailboat",
+    "kayak": "canoe", "sakura": "cherry blossom", "palm": "palm tree", "maple": "maple leaf",
+    "houseplant": "potted plant", "pot plant": "potted plant", "brolly": "umbrella", "hatchet": "axe",
+    "spyglass": "telescope", "computer": "laptop", "notebook computer": "laptop", "football": "soccer ball",
+    "tophat": "top hat", "t shirt": "shirt", "tshirt": "shirt", "tee": "shirt", "gown": "dress",
+    "trainer": "sneaker", "running shoe": "sneaker", "shoe": "sneaker", "dice": "die", "sand timer": "hourglass",
+    "clock": "alarm clock", "fire": "flame", "lightning": "lightning bolt", "thunderbolt": "lightning bolt",
+    "drop": "droplet", "raindrop": "droplet", "water drop": "droplet", "earth": "globe", "planet earth": "globe",
+    "magnifier": "magnifying glass", "parcel": "package", "box": "package", "gift box": "gift", "martian": "alien",
 }
 SIZE_WORDS = {
     "small": ("small", "little", "tiny", "teeny", "teensy", "itty", "bitty", "mini", "miniature", "wee", "smaller",
               "minuscule", "petite"),
-    "medium": ("medium", "mid", "normal", "average", "regular", "moderate", "moderately"),
+    "medium": ("medium", "med", "mid", "midsize", "midsized", "normal", "average", "regular", "moderate",
+               "moderately"),
     "large": ("large", "big", "giant", "huge", "enormous", "massive", "bigger", "larger", "gigantic", "jumbo",
               "colossal", "oversized"),
 }
@@ -81,8 +106,11 @@ _SIZES = {word: name for name, words in SIZE_WORDS.items() for word in words}
 
 
 def _words(text: str) -> list[str]:
-    text = re.sub(r"(\d+)", r" \1 ", str(text).lower().replace("-", " ").replace("_", " "))
-    return re.findall(r"[a-z]+|\d+|[,;:.!?]", text)
+    text = str(text).lower().replace("-", " ").replace("_", " ")
+    text = re.sub(r"\b\d+ ?(k|p|px|fps|mp|hd)\b", " ", text)  # "4k", "1080p": quality words, no count
+    text = re.sub(r"\b(top|bottom|upper|lower)(left|right)\b", r"\1 \2", text)  # "#topright"
+    text = re.sub(r"[|/#()\[\]\u2013\u2014]", ",", text)  # separators part what they separate
+    return re.findall(r"[a-z]+|\d+|[,;:.!?]", re.sub(r"(\d+)", r" \1 ", text))
 
 
 def _mentions(words):
@@ -162,11 +190,37 @@ def _find_phrase(words):
     return None
 
 
+_ANAPHORA = ("it", "its", "them", "their", "this", "that")
+
+
+_LABELS = SIDES | {"under": "below", "underneath": "below", "beneath": "below"}
+
+
+def _side_label(words, mention):
+    """The side a mention is labelled with ("left: a cat", "cat right,", "a gift underneath"), or None.
+    Not the "right" of "from left to right: a pig, a cow", which orders them instead."""
+    start, end = mention[0], mention[1]
+    before = [w for w in words[max(0, start - 4):start] if w not in ("a", "an", "the")]
+    if len(before) >= 2 and before[-1] == ":" and before[-2] in SIDES and before[-3:-2] != ["to"]:
+        return SIDES[before[-2]]
+    after = [w for w in words[end:end + 4] if w not in ("on", "at", "the")][:2]
+    if after and after[0] in _LABELS and (len(after) == 1 or after[1] in (",", ";", ".", ":", "and")):
+        return _LABELS[after[0]]
+    return None
+
+
 def _relation(words, first, second):
     """(relation, subject, reference) for two mentions, or None when the text says none."""
-    relation = _find_phrase(words[first[1]:second[0]])
-    if relation:  # "a cat to the left of a dog"
-        return relation, first[2], second[2]
+    between = words[first[1]:second[0]]
+    relation = _find_phrase(between)
+    if relation:
+        at = next(i for i in range(len(between)) if _find_phrase(between[i:]) != relation or i == len(between) - 1)
+        if any(w in _ANAPHORA for w in between[max(at - 1, 0):]):  # "a truck, and below it a car"
+            return relation, second[2], first[2]
+        return relation, first[2], second[2]  # "a cat to the left of a dog"
+    for j, word in enumerate(between[:-1]):  # "a trumpet, to its left a bell"
+        if word in ("its", "their") and between[j + 1] in SIDES:
+            return SIDES[between[j + 1]], second[2], first[2]
     relation = _find_phrase(words[:first[0]])
     if relation:  # "to the left of a dog, a cat"
         return relation, second[2], first[2]
@@ -186,6 +240,10 @@ def _relation(words, first, second):
             subject = named[-1][2] if named else second[2]
             other = first[2] if subject == second[2] else second[2]
             return SIDES[word], subject, other
+    for mention in _mentions(words):  # "top: a bird / bottom: a snake", "a cat and a dog: cat right, dog left"
+        side = _side_label(words, mention) if mention[2] in (first[2], second[2]) else None
+        if side:
+            return side, mention[2], second[2] if mention[2] == first[2] else first[2]
     return None  # a side-less phrase ("next to", "and") or none: the caller puts the first on the left
 
 
@@ -211,7 +269,7 @@ def read(text) -> str | None:
         if count is None:  # "tulips, four of them", "bees x3"
             count = next((NUMBERS.get(w) or int(w) for w in words[first[1]:] if w.isdigit() and len(w) < 3
                           or w in NUMBERS and w not in ("a", "an", "one", "single")), None)
-        if count is None and first[3]:
+        if count is None and first[3] and not (first[0] and words[first[0] - 1] in ("a", "an")):  # "a dice"
             count = 2
         count = None if count is None or count < 2 else min(count, 4)
         name = names[0]
