@@ -7,7 +7,9 @@ relations and counts, the rewrite can be exact: `read(text)` finds those things 
 the text says them, and returns the template caption of that scene (or None when it names no known
 object, so the prompt is used as written).
 
-- Objects: vocabulary names, plurals and a few common synonyms ("puppy", "bike"), longest match first.
+- Words within a typing slip of a word the reader knows are read as it ("girafe", "rigth"; spelling.py).
+  "4k", "1080p" are no counts; "|", "/", "#" separate like commas.
+- Objects: vocabulary names, plurals and everyday names ("puppy", "bike", "telly"), longest match first.
   More than two different objects: the first two are drawn.
 - Counts: a number (word or numeral, "a pair of", "a couple of") or a plural names a count scene;
   counts above 4 draw 4, a plural without a number 2, "one" a single object.
@@ -17,12 +19,12 @@ object, so the prompt is used as written).
   dropped. No background named: the first of white, blue, yellow, black that the object stands out on.
 - Size ("tiny", "big", ...; default large), position ("upper left", "top-left corner", "middle";
   default center) and relations ("left of", "on top of", "beneath", "next to" = left of, "A and B,
-  the B on the left", "A with B on its left") in either order.
+  the B on the left", "A with B on its left", "A, and below it B", "top: A / bottom: B") in either order.
 """
 
 import re
 
-from model.data import scenes
+from model.data import scenes, spelling
 from model.data.vocabulary import PLURALS, VOCABULARY
 
 SYNONYMS = {
@@ -105,12 +107,19 @@ _COLOURS = {word: name for name, words in COLOUR_WORDS.items() for word in words
 _SIZES = {word: name for name, words in SIZE_WORDS.items() for word in words}
 
 
+def known_words() -> set[str]:
+    """Every word the reader looks for; others within a typing slip of one are read as it (spelling)."""
+    words = {w for key in _NAMES for w in key} | set(_COLOURS) | set(_SIZES) | set(NUMBERS) | set(PICTURE_WORDS)
+    words |= set(VERTICAL) | set(CENTRE) | set(_LABELS) | {w for phrase in RELATION_PHRASES for w in phrase}
+    return words | {"corner", "side", "edge"}
+
+
 def _words(text: str) -> list[str]:
     text = str(text).lower().replace("-", " ").replace("_", " ")
     text = re.sub(r"\b\d+ ?(k|p|px|fps|mp|hd)\b", " ", text)  # "4k", "1080p": quality words, no count
     text = re.sub(r"\b(top|bottom|upper|lower)(left|right)\b", r"\1 \2", text)  # "#topright"
     text = re.sub(r"[|/#()\[\]\u2013\u2014]", ",", text)  # separators part what they separate
-    return re.findall(r"[a-z]+|\d+|[,;:.!?]", re.sub(r"(\d+)", r" \1 ", text))
+    return [_mend(w) for w in re.findall(r"[a-z]+|\d+|[,;:.!?]", re.sub(r"(\d+)", r" \1 ", text))]
 
 
 def _mentions(words):
@@ -284,3 +293,6 @@ def read(text) -> str | None:
     relation, subject, reference = found or ("to the left of", first[2], second[2])
     background = background or _default_background(subject, reference)
     return scenes.template("pair", [subject, reference], background, relation=relation)
+
+
+_mend = spelling.Corrector(known_words(), spelling.read_common_words())
