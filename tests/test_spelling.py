@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from model.data import spelling
-from model.data.reading import known_words, read
+from model.data.reading import mend, read
 
 
 def _reference_distance(a, b):
@@ -32,19 +32,19 @@ def test_distance_counts_edits_with_swaps(a, b):
 
 
 def test_slips_are_read_as_the_word_meant():
-    mend = spelling.Corrector(known_words(), spelling.read_common_words())
     for slip, meant in [("girafe", "giraffe"), ("bannana", "banana"), ("elefant", "elephant"), ("rigth", "right"),
                         ("backgound", "background"), ("umbrela", "umbrella"), ("elephnats", "elephants"),
-                        ("fuor", "four"), ("midle", "middle"), ("smal", "small")]:
+                        ("fuor", "four"), ("midle", "middle"), ("smal", "small"), ("ghots", "ghosts"),
+                        ("potatos", "potatoes")]:
         assert mend(slip) == meant
 
 
 def test_common_and_short_words_and_ties_stay():
-    mend = spelling.Corrector(known_words(), spelling.read_common_words())
     for word in ["near", "spells", "mars", "hat", "dgo", "could", "popsicles", "wizard"]:
         assert mend(word) == word
     tied = spelling.Corrector(["bark", "park"])
     assert tied("zark") == "zark" and tied("barck") == "bark"
+    assert spelling.Corrector(["bark", "park"], forms={"bark": "x", "park": "x"})("zark") in ("bark", "park")
 
 
 def test_prompts_with_slips_read_as_meant():
@@ -53,3 +53,4 @@ def test_prompts_with_slips_read_as_meant():
     assert read("three tiny turtels, yellow") == "three turtles on a yellow background"
     assert read("could you draw a cat near the top") == "a large cat at the top on a white background"
     assert read("a wizard casting spells") is None
+    assert read("a ghots on black") == "a large ghost in the center on a black background"

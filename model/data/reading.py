@@ -64,8 +64,8 @@ SYNONYMS = {
     "magnifier": "magnifying glass", "parcel": "package", "box": "package", "gift box": "gift", "martian": "alien",
 }
 SIZE_WORDS = {
-    "small": ("small", "little", "tiny", "teeny", "teensy", "itty", "bitty", "mini", "miniature", "wee", "smaller",
-              "minuscule", "petite"),
+    "small": ("small", "smol", "little", "tiny", "teeny", "teensy", "itty", "bitty", "mini", "miniature", "wee",
+              "smaller", "minuscule", "petite"),
     "medium": ("medium", "med", "mid", "midsize", "midsized", "normal", "average", "regular", "moderate",
                "moderately"),
     "large": ("large", "big", "giant", "huge", "enormous", "massive", "bigger", "larger", "gigantic", "jumbo",
@@ -108,7 +108,8 @@ _SIZES = {word: name for name, words in SIZE_WORDS.items() for word in words}
 
 
 def known_words() -> set[str]:
-    """Every word the reader looks for; others within a typing slip of one are read as it (spelling)."""
+    """Every word the reader looks for; others within a typing slip of one are read as it (spelling).
+    When these change, remake spelling's common_words.txt (see spelling.common_words)."""
     words = {w for key in _NAMES for w in key} | set(_COLOURS) | set(_SIZES) | set(NUMBERS) | set(PICTURE_WORDS)
     words |= set(VERTICAL) | set(CENTRE) | set(_LABELS) | {w for phrase in RELATION_PHRASES for w in phrase}
     return words | {"corner", "side", "edge"}
@@ -118,8 +119,8 @@ def _words(text: str) -> list[str]:
     text = str(text).lower().replace("-", " ").replace("_", " ")
     text = re.sub(r"\b\d+ ?(k|p|px|fps|mp|hd)\b", " ", text)  # "4k", "1080p": quality words, no count
     text = re.sub(r"\b(top|bottom|upper|lower)(left|right)\b", r"\1 \2", text)  # "#topright"
-    text = re.sub(r"[|/#()\[\]\u2013\u2014]", ",", text)  # separators part what they separate
-    return [_mend(w) for w in re.findall(r"[a-z]+|\d+|[,;:.!?]", re.sub(r"(\d+)", r" \1 ", text))]
+    text = re.sub(r"[|/#\u2013\u2014]", ",", text)  # separators part what they separate
+    return [mend(w) for w in re.findall(r"[a-z]+|\d+|[,;:.!?]", re.sub(r"(\d+)", r" \1 ", text))]
 
 
 def _mentions(words):
@@ -181,7 +182,9 @@ def _intensifier(words, i):
 
 def _position(words):
     """One of scenes.POSITIONS said anywhere in the text (object names blanked out), or None."""
-    vertical = next((VERTICAL[w] for w in words if w in VERTICAL), None)
+    vertical = next((VERTICAL[w] for w in words if w in VERTICAL), None) or next(  # "down right", "up left"
+        ("top" if w == "up" else "bottom" for w, after in zip(words, words[1:])
+         if w in ("up", "down") and after in ("left", "right")), None)
     horizontal = next((w for i, w in enumerate(words) if w == "left" or w == "right" and not _intensifier(words, i)),
                       None)
     if vertical and horizontal:
@@ -295,4 +298,8 @@ def read(text) -> str | None:
     return scenes.template("pair", [subject, reference], background, relation=relation)
 
 
-_mend = spelling.Corrector(known_words(), spelling.read_common_words())
+# Words that mean one thing: a slip equally near two of them is still read.
+_FORMS = ({words[0]: name for words, name in _NAMES.items() if len(words) == 1}
+          | {word: f"{size} size" for word, size in _SIZES.items()}
+          | {word: f"{colour} colour" for word, colour in _COLOURS.items()})
+mend = spelling.Corrector(known_words(), spelling.read_common_words(), _FORMS)

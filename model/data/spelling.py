@@ -6,7 +6,7 @@ letters on (an edit: a letter dropped, added, wrong, or two neighbours swapped).
 fewer than 4 letters ("hat" is no "cat"), never a word that is a common English word itself ("near"
 is no "pear", "spells" no "shells"): COMMON_WORDS, the English words within that reach of a word the
 reader knows (see `common_words`), is shipped in common_words.txt. When two known words are equally
-close, the word is left as it is.
+close, the word is left as it is, unless they are forms of one thing ("ghots": "ghost", "ghosts").
 """
 
 from collections.abc import Iterable
@@ -45,9 +45,11 @@ def _deletions(word: str, depth: int) -> set[str]:
 class Corrector:
     """word -> the known word it is a slip of, or the word itself (see the module docstring)."""
 
-    def __init__(self, known: Iterable[str], common: Iterable[str] = ()):
+    def __init__(self, known: Iterable[str], common: Iterable[str] = (), forms: dict[str, str] | None = None):
         self.known = frozenset(w for w in known if w.isalpha())
         self.common = frozenset(common)
+        # Words that mean one thing (a name and its plural, "small" and "smol"): a tie between them is no doubt.
+        self.forms = forms or {}
         # Candidates share a deletion with the word (symmetric-delete lookup), then are measured.
         self._by_deletion: dict[str, set[str]] = {}
         for word in self.known:
@@ -66,9 +68,13 @@ class Corrector:
         if len(word) < MIN_LENGTH or not word.isalpha() or word in self.known or word in self.common:
             return word
         found = self.candidates(word)
-        if not found or len(found) > 1 and distance(word, found[0]) == distance(word, found[1]):
+        if not found:
             return word
-        return found[0]
+        nearest = [w for w in found if distance(word, w) == distance(word, found[0])]
+        if len({self.forms.get(w, w) for w in nearest}) > 1:
+            return word
+        # "ghots" is as near "ghost" as "ghosts": the form that ends as the word does.
+        return next((w for w in nearest if (w[-1] == "s") == (word[-1] == "s")), nearest[0])
 
 
 def read_common_words() -> frozenset[str]:
