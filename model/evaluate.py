@@ -193,6 +193,8 @@ FREE_PROMPTS = (
      "a dog sitting on top of a car, yellow bg"),
     ("tiny rocket in the upper-right corner on black", "horse on the right, cow on the left",
      "a ship with an anchor underneath it", "2 pizzas please"),
+    ("a girafe in the top rigth corner, purple backgound", "top: moon / bottom: house, black",
+     "guitar | bottom left | 4k | yellow", "a bus, and below it a car"),
 )
 
 
