@@ -401,13 +401,13 @@ def _page_outputs(answer: Answer, grid_path: str):
     if result.read_as:  # the model's prompt reader rewrote the prompt: say what was drawn
         status += f"  \nDrawn as: *{result.read_as}*"
     elif not result.understood:
-        status += "  \nNone of these words name something this model knows, so they were drawn as written."
+        status += "  \nNone of these words name something this model knows, so only the background was drawn."
     return gallery, result.seed, status, gr.update(value=grid_path, visible=True)
 
 
 def _record(answer: Answer) -> dict:
     result, paths = answer.results[0], answer.files[0]
     return {"model": answer.model, "dtype": answer.dtype, "prompt": result.prompt,
-            "read_as": result.read_as or result.prompt, "seed": result.seed,
+            "read_as": result.read_as or result.prompt, "understood": result.understood, "seed": result.seed,
             "scores": result.scores, "score_kind": result.score_kind, "parameters": result.parameters,
             "files": [Path(p).name for p in paths]}

@@ -73,11 +73,17 @@ def start(pipe, requests) -> Batch:
         strength = getattr(request, "strength", 0.0)
         values = {"condition_scale": options.condition_scale if guided(request) else 1.0, "strength": strength,
                   "overrule": sampling.prompt_overrule(strength) if request.prompts else np.inf}
-        for name in knob_rows:
-            knob_rows[name] += [values[name] if name in values else getattr(options, name)] * rows
+        row_values = {name: [values[name] if name in values else getattr(options, name)] * rows for name in knob_rows}
         codes = pipe._image_codes(request.image) if request.image is not None else None
-        prefixes.append(np.broadcast_to(codes if codes is not None else np.zeros(cfg.image_length, np.int32),
-                                        (rows, cfg.image_length)))
+        guide = np.tile(codes if codes is not None else np.zeros(cfg.image_length, np.int32), (rows, 1))
+        for p, backdrop in enumerate(getattr(request, "backdrops", ())):  # the reader knew nothing: its backdrop
+            if backdrop is not None:
+                block = slice(p * per_prompt, (p + 1) * per_prompt)
+                guide[block] = pipe._image_codes(backdrop)
+                row_values["strength"][block] = [1.0] * per_prompt
+        for name in knob_rows:
+            knob_rows[name] += row_values[name]
+        prefixes.append(guide)
         prefix_lengths += [request.keep_rows * pipe.vqgan_config.latent_size] * rows
     real = len(row_text)
     padded = sharding.bucket_rows(real, pipe._data_devices)
@@ -93,7 +99,7 @@ def start(pipe, requests) -> Batch:
     cache = sharding.shard_rows(cache, pipe.mesh)  # every cache array has its rows first
     row_keys = jnp.concatenate(keys)[jnp.asarray(fill)]
     prefix, prefix_length = None, 0
-    if any(r.image is not None for r in requests):
+    if any(r.image is not None or any(b is not None for b in getattr(r, "backdrops", ())) for r in requests):
         prefix = sharding.shard_rows(jnp.asarray(np.concatenate(prefixes)[fill]), pipe.mesh)
         prefix_length = np.asarray(prefix_lengths, np.int32)[fill]
     state = sampling.init_sampler(cache, sharding.shard_rows(row_keys, pipe.mesh), batch=padded,

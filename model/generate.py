@@ -97,6 +97,8 @@ def main(argv=None) -> int:
         return 2
     if request.texts != request.prompts:
         print(f"drawn as: {request.texts[0]}")  # the model's prompt reader rewrote the prompt
+    elif any(b is not None for b in request.backdrops):
+        print("drawn as: the background alone (this model knows none of these words)")
     with tqdm(total=pipe.bart_config.image_length, unit="code", desc="sampling") as bar:
         for item in pipe.run(request):
             if isinstance(item, Progress):

@@ -124,7 +124,8 @@ def load_pipeline(name_or_path=None, mesh=None, compilation_cache=True, dtype=No
     pipeline = Pipeline(
         bart=bart, bart_params=bart_params, bart_tokenizer=load_bart_tokenizer(folders["bart"]),
         vqgan=vqgan, vqgan_params=vqgan_params, reranker=reranker, normalizer=normalizer,
-        reader=prompt_reader(info), defaults=defaults, name=name, info=info, mesh=mesh, dtype=dtype,
+        reader=prompt_reader(info), backdrop=prompt_reader(info, "backdrop"), defaults=defaults, name=name,
+        info=info, mesh=mesh, dtype=dtype,
     )
     del bart_params, clip_params
     gc.collect()
@@ -132,8 +133,9 @@ def load_pipeline(name_or_path=None, mesh=None, compilation_cache=True, dtype=No
     return pipeline
 
 
-def prompt_reader(info: dict):
-    """The prompt reader a pipeline.json names ("prompt_reader"), or None: the prompt is read as written."""
+def prompt_reader(info: dict, part: str = "read"):
+    """The prompt reader a pipeline.json names ("prompt_reader"), or None: the prompt is read as written.
+    part "backdrop": its picture for a prompt that names nothing the model knows (see Pipeline)."""
     name = info.get("prompt_reader")
     if name is None:
         return None
@@ -141,7 +143,7 @@ def prompt_reader(info: dict):
         raise CheckpointError(f"pipeline.json names an unknown prompt_reader {name!r}; known: 'emoji-scenes'.")
     from model.data import reading  # the scene vocabulary: only models that use it load it
 
-    return reading.read
+    return getattr(reading, part)
 
 
 def _hub_folder(stage: str, repo: str, revision: str) -> Path:

@@ -58,6 +58,7 @@ class Request:
     keep_rows: int = 0  # variations: rows of the upload's image tokens kept as they are
     strength: float = 0.0  # variations: share of the other tokens copied from the upload (0 = none, 1 = all)
     readings: tuple = ()  # per prompt, its model's prompt reader's caption (None: nothing known); () no reader
+    backdrops: tuple = ()  # per prompt, None or the picture drawn instead when the reader knows nothing in it
 
     @property
     def texts(self) -> tuple[str, ...]:
@@ -105,7 +106,7 @@ class GenerationResult:
     parameters: dict  # every option as used, defaults filled in (keep_rows, strength too for variations)
     score_kind: str = "clip_logit"  # or "image_similarity" (variations without a prompt)
     read_as: str = ""  # the caption the model drew, when its prompt reader rewrote `prompt`
-    understood: bool = True  # False: the model's prompt reader found nothing it knows in `prompt`
+    understood: bool = True  # False: the model's prompt reader found nothing it knows in `prompt` (see backdrop)
 
 
 @dataclasses.dataclass
@@ -121,8 +122,8 @@ class Pipeline:
     """Text-to-image with super-conditioned DalleBart sampling, VQGAN decoding and CLIP reranking."""
 
     def __init__(self, *, bart, bart_params, bart_tokenizer, vqgan, vqgan_params, reranker: Reranker,
-                 normalizer=None, reader=None, defaults=Options(), name="custom", info=None, mesh=None,
-                 dtype="float32"):
+                 normalizer=None, reader=None, backdrop=None, defaults=Options(), name="custom", info=None,
+                 mesh=None, dtype="float32"):
         self.name = name
         self.dtype = str(dtype)  # the weights' precision on the device (load_pipeline's dtype)
         self.info = info or {}
@@ -144,6 +145,9 @@ class Pipeline:
         # A model's prompt reader (model.data.reading for the emoji model): text -> the caption it was
         # trained on, or None to use the text as written. Set to None to send prompts unchanged.
         self.reader = reader
+        # With a reader: text -> the picture drawn for a prompt in which the reader finds nothing it knows
+        # (the emoji model: its background alone), since the model would draw shapeless blobs.
+        self.backdrop = backdrop
         self.reranker = reranker
         self.mesh = mesh
         # Already placed on `mesh` and in the per-layer layout decode_step reads (bart_decode.decoding_params):
@@ -218,7 +222,11 @@ class Pipeline:
             raise InvalidInputError(f"Too many images in one call: {max(len(inputs.prompts), 1)} prompts x "
                                     f"{resolved.candidates} candidates = {rows}; at most {MAX_ROWS}.")
         readings = tuple(self.reader(p) for p in inputs.prompts) if self.reader else ()
-        return Request(inputs.prompts, resolved, inputs.single, inputs.image, keep_rows, strength, readings)
+        backdrops = ()
+        if self.backdrop and inputs.image is None and None in readings:
+            backdrops = tuple(self.backdrop(p) if r is None else None for p, r in zip(inputs.prompts, readings))
+        return Request(inputs.prompts, resolved, inputs.single, inputs.image, keep_rows, strength, readings,
+                       backdrops)
 
     def read(self, prompt: str) -> str:
         """The text the model reads for `prompt` (see `reader`)."""
@@ -283,6 +291,9 @@ class Pipeline:
         options, per_prompt = request.options, request.options.candidates
         prompts, texts = list(request.prompts) or [""], list(request.texts) or [""]
         pixels = self._pixels(codes)
+        for p, backdrop in enumerate(request.backdrops):
+            if backdrop is not None:  # shown as it is: the VQGAN, which never saw an empty scene, frays its edges
+                pixels[p * per_prompt:(p + 1) * per_prompt] = np.asarray(backdrop.resize(pixels.shape[2:0:-1]))
         if request.prompts:
             scores, score_kind = self.reranker.by_prompt(texts, pixels, per_prompt), "clip_logit"
         else:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from model import load_pipeline
 from model.data import scenes
@@ -76,8 +77,19 @@ def test_an_object_colour_is_not_taken_for_the_background(pipe):
     assert sum(background_of(np.asarray(image))[0] == "white" for image in result.images) >= 3
 
 
-def test_a_prompt_naming_nothing_known_is_flagged(pipe):
-    unknown = pipe.generate("a wizard casting spells", seed=0, num_images=1)
-    assert not unknown.understood and unknown.read_as == ""
-    assert pipe.generate("cat", seed=0, num_images=1).understood
-    assert pipe.generate("a large fox in the center on a blue background", seed=0, num_images=1).understood
+def test_a_prompt_naming_nothing_known_gets_its_background_alone(pipe):
+    wizard, cat = pipe.generate(["a wizard on a pink background", "cat"], seed=0, num_images=2)
+    assert not wizard.understood and wizard.read_as == ""
+    pink = pipe.encode_image(Image.new("RGB", (64, 64), scenes.BACKGROUNDS["pink"]))
+    for codes, image in zip(wizard.codes, wizard.images):
+        np.testing.assert_array_equal(codes, pink)
+        assert (np.asarray(image) == scenes.BACKGROUNDS["pink"]).all()
+    alone = pipe.generate("cat", seed=0, num_images=2)  # its batch-mate is drawn as it is alone
+    assert cat.understood and np.array_equal(cat.codes, alone.codes)
+    white = pipe.encode_image(Image.new("RGB", (64, 64), scenes.BACKGROUNDS["white"]))
+    np.testing.assert_array_equal(pipe.generate("a wizard casting spells", seed=1, num_images=1).codes[0], white)
+    reader, pipe.reader = pipe.reader, None
+    try:  # without the reader the prompt is drawn as written
+        assert not np.array_equal(pipe.generate("a wizard casting spells", seed=1, num_images=1).codes[0], white)
+    finally:
+        pipe.reader = reader

@@ -24,6 +24,8 @@ object, so the prompt is used as written).
 
 import re
 
+from PIL import Image
+
 from model.data import scenes, spelling
 from model.data.vocabulary import PLURALS, VOCABULARY
 
@@ -264,6 +266,13 @@ def _default_background(*names) -> str:
     shown = [b for b in ("white", "blue", "yellow", "black", *scenes.BACKGROUNDS)
              if all(b in scenes.visible_backgrounds(name) for name in names)]
     return shown[0] if shown else "white"
+
+
+def backdrop(text) -> Image.Image:
+    """What the model can draw of a text that names no object it knows: the background alone (the
+    colour the text names, else white), as a picture for the sampler to copy."""
+    colour = _background(_words(text), set()) or "white"
+    return Image.new("RGB", (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), scenes.BACKGROUNDS[colour])
 
 
 def read(text) -> str | None:

@@ -56,7 +56,8 @@ LIMITATIONS = ("Your prompt is read into the caption form it was trained on by a
                "background colours, positions and relations right nearly always, counts and the exact "
                "emoji about four times in five; objects in pairs and counts are drawn less crisply "
                "than single ones. It knows nothing outside its emoji vocabulary and 12 background colours: "
-               "a prompt that names no known object is drawn as written, which gives shapeless blobs.")
+               "a prompt that names no known object gets its background alone (the colour it names, else "
+               "white).")
 UNDERSTANDS = ("Understands plain English about one to four of its 181 emoji objects, their size, position, "
                "relation or count, and 12 background colours: 'blue picture with a fox in it', 'three kittens "
                "on pink'.")
