@@ -243,3 +243,24 @@ def test_concurrent_submissions_from_threads_all_get_their_own_answers(pipe):
     for got, want in zip(answers, expected):
         _same(got, want)
     assert all(rows <= 8 for _, rows in scheduler.batches)
+
+
+def test_a_backdrop_prompt_shares_a_batch_and_leaves_its_mates_as_alone(pipe, monkeypatch):
+    """A prompt the model's reader knows nothing of gets its backdrop (copied at strength 1), per prompt,
+    inside a shared batch; the other prompts and requests are sampled as alone."""
+    from PIL import Image
+
+    plain = Image.new("RGB", (24, 24), (30, 80, 220))
+    monkeypatch.setattr(pipe, "reader", lambda text: None if "wizard" in text else text)
+    monkeypatch.setattr(pipe, "backdrop", lambda text: plain)
+    requests = [pipe.request(["a wizard", "two rockets"], seed=1, num_images=2, candidates=3),
+                pipe.request("three snails", seed=2, num_images=2)]
+    expected = [_alone(pipe, r) for r in requests]
+    answers = [list(stream)[-1] for stream in _held(Scheduler(pipe), requests)]
+    wizard, rockets = answers[0]
+    assert not wizard.understood and rockets.understood
+    for codes, image in zip(wizard.codes, wizard.images):
+        np.testing.assert_array_equal(codes, pipe.encode_image(plain))
+        assert (np.asarray(image) == (30, 80, 220)).all()
+    for got, want in zip(answers, expected):
+        _same(got, want)
