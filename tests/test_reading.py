@@ -99,6 +99,7 @@ def test_paraphrases_read_as_their_scenes(heldout):
     ("an owl and a tree: owl on top, tree underneath", "an owl above a tree on a white background"),
     ("From left to right: a pig, then a cow.", "a pig to the left of a cow on a white background"),
     ("a bus, and below it a car", "a car below a bus on a white background"),
+    ("a cat to the left of that dog", "a cat to the left of a dog on a white background"),
     ("a drum, to its left a guitar", "a guitar to the left of a drum on a white background"),
 ])
 def test_free_wordings(text, caption):

@@ -196,15 +196,18 @@ def _position(words):
     return "center" if any(w in CENTRE for w in words) else None
 
 
-def _find_phrase(words):
+def _phrase_at(words):
+    """(start, end, relation) of the first relation phrase in `words`, or None."""
     for start in range(len(words)):
         for phrase, relation in _PHRASES_LONGEST_FIRST:
             if tuple(words[start:start + len(phrase)]) == phrase:
-                return relation
+                return start, start + len(phrase), relation
     return None
 
 
-_ANAPHORA = ("it", "its", "them", "their", "this", "that")
+def _find_phrase(words):
+    found = _phrase_at(words)
+    return found and found[2]
 
 
 _LABELS = SIDES | {"under": "below", "underneath": "below", "beneath": "below"}
@@ -226,10 +229,10 @@ def _side_label(words, mention):
 def _relation(words, first, second):
     """(relation, subject, reference) for two mentions, or None when the text says none."""
     between = words[first[1]:second[0]]
-    relation = _find_phrase(between)
-    if relation:
-        at = next(i for i in range(len(between)) if _find_phrase(between[i:]) != relation or i == len(between) - 1)
-        if any(w in _ANAPHORA for w in between[max(at - 1, 0):]):  # "a truck, and below it a car"
+    found = _phrase_at(between)
+    if found:
+        _, end, relation = found
+        if between[end:end + 1] in (["it"], ["them"]):  # "a truck, and below it a car"
             return relation, second[2], first[2]
         return relation, first[2], second[2]  # "a cat to the left of a dog"
     for j, word in enumerate(between[:-1]):  # "a trumpet, to its left a bell"
